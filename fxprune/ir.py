@@ -1,0 +1,205 @@
+"""The channel graph: the IR every pruning method shares.
+
+Every channel that a conv/linear produces gets a global *channel id*. A tensor's channel
+dimension is described by a ``ChannelMap``: for each position along the dims that carry
+channels, the id of the channel it holds (-1: not tracked, e.g. image channels). This is the
+per-position form of DESIGN.md's segments ``(group, offset, length)``: concat, split, slicing,
+flatten and channel shuffle are plain array operations on it, and ``ChannelMap.segments``
+gives the run-length (segment) view back. Coupling ops (add, mul, depthwise conv, ...) unite
+ids; each union-find class of ids is one *unit* (one keep/remove decision). A *group* is a
+connected component of producer spaces linked through shared units (networkx); its size is its
+number of units, and a gate holds one value per unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import networkx as nx
+import numpy as np
+
+
+@dataclass
+class ChannelMap:
+    """Channel ids held by a tensor along ``dims`` (usually one dim: the channel dim)."""
+
+    dims: tuple[int, ...]
+    ids: np.ndarray  # int64, shape == extents along dims
+
+    def segments(self, units: "UnitTable") -> list[tuple[int, int, int]]:
+        """Run-length view ``[(group, first unit index, length), ...]`` of a 1-D map."""
+        out: list[tuple[int, int, int]] = []
+        for cid in self.ids.ravel():
+            g, u = units.locate(int(cid))
+            if out and out[-1][0] == g and g >= 0 and out[-1][1] + out[-1][2] == u:
+                out[-1] = (g, out[-1][1], out[-1][2] + 1)
+            elif out and out[-1][0] == g == -1:
+                out[-1] = (-1, -1, out[-1][2] + 1)
+            else:
+                out.append((g, u, 1))
+        return out
+
+
+@dataclass
+class ParamSlice:
+    """Positions of ``module_path.param`` along ``dim`` and the channel id each holds."""
+
+    module_path: str
+    param: str
+    dim: int
+    ids: np.ndarray
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module_path}.{self.param}" if self.module_path else self.param
+
+
+@dataclass
+class Layer:
+    """A conv or linear node, with what the cost model and finalize need to know about it."""
+
+    node: str
+    kind: str  # "conv", "conv_transpose" or "linear"
+    module_path: str | None  # None for functional calls with get_attr weights
+    weight: str  # qualified parameter name
+    bias: str | None
+    in_ids: np.ndarray  # channel id per input channel (-1 untracked)
+    out_ids: np.ndarray
+    groups: int
+    in_per_group: int
+    macs_per_pair: int  # output elements per output channel x kernel elements (per batch item)
+    zero_padding: bool  # padding is 0 everywhere: constant inputs fold exactly into the bias
+
+
+@dataclass
+class Site:
+    """A place where a group's channels are produced: a gate goes on ``node``'s output."""
+
+    node: str
+    dim: int
+    units: np.ndarray  # unit index (within the group) of each position along ``dim``
+
+
+@dataclass
+class SliceSpec:
+    """One parameter (or buffer) slice a group owns: keep/remove positions along ``dim``."""
+
+    module_path: str
+    param: str
+    dim: int
+    positions: np.ndarray
+    units: np.ndarray  # the group's unit index held at each of ``positions``
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Contiguous ``[start, stop)`` index ranges covered by this slice."""
+        out: list[tuple[int, int]] = []
+        for p in self.positions.tolist():
+            if out and out[-1][1] == p:
+                out[-1] = (out[-1][0], p + 1)
+            else:
+                out.append((p, p + 1))
+        return out
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be kept or removed together, one decision per unit."""
+
+    id: int
+    size: int
+    prunable: bool
+    reason: str | None
+    sites: list[Site] = field(default_factory=list)
+    slices: list[SliceSpec] = field(default_factory=list)
+    spaces: list[str] = field(default_factory=list)  # producer nodes whose channels are here
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "prunable": self.prunable,
+            "reason": self.reason,
+            "producers": self.spaces,
+            "slices": [
+                {"module": s.module_path, "param": s.param, "dim": s.dim, "ranges": s.ranges}
+                for s in self.slices
+            ],
+        }
+
+
+class UnitTable:
+    """Maps a global channel id to (group id, unit index within the group)."""
+
+    def __init__(self, group_of: np.ndarray, unit_of: np.ndarray):
+        self.group_of = group_of
+        self.unit_of = unit_of
+
+    def locate(self, cid: int) -> tuple[int, int]:
+        if cid < 0:
+            return -1, -1
+        return int(self.group_of[cid]), int(self.unit_of[cid])
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised locate: (group ids, unit indices), -1 where ``ids`` is -1."""
+        ids = np.asarray(ids)
+        safe = np.where(ids >= 0, ids, 0)
+        g = np.where(ids >= 0, self.group_of[safe], -1)
+        u = np.where(ids >= 0, self.unit_of[safe], -1)
+        return g, u
+
+
+@dataclass
+class ChannelGraph:
+    """The result of ``fxprune.analyze``: groups, the slices they own, and per-node maps."""
+
+    groups: list[ChannelGroup]
+    units: UnitTable
+    layers: list[Layer]
+    param_slices: dict[tuple[str, int], ParamSlice]
+    node_maps: dict[str, Any]  # node name -> ChannelMap / None / nested tuples of them
+    coupling: nx.Graph  # producer-space nodes; edges join spaces sharing a unit
+    blocked: dict[int, str]  # group id -> reason
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+    def keep_masks(self, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Complete a partial ``{group: bool[size]}`` decision: unlisted groups keep everything."""
+        out = {}
+        for g in self.groups:
+            mask = np.ones(g.size, dtype=bool) if g.id not in keep else np.asarray(keep[g.id], bool)
+            if mask.shape != (g.size,):
+                raise ValueError(f"keep mask of group {g.id} has shape {mask.shape}, expected ({g.size},)")
+            out[g.id] = mask
+        return out
+
+    def kept_positions(self, ids: np.ndarray, keep: dict[int, np.ndarray]) -> np.ndarray:
+        """Boolean mask over ``ids``: True where the channel survives (untracked always does)."""
+        g, u = self.units.lookup(ids)
+        kept = np.ones(ids.shape, dtype=bool)
+        for gid in np.unique(g[g >= 0]):
+            sel = g == gid
+            kept[sel] = keep[int(gid)][u[sel]]
+        return kept
+
+    def summary(self) -> dict[str, Any]:
+        total = sum(g.size for g in self.groups)
+        prunable = sum(g.size for g in self.groups if g.prunable)
+        return {
+            "groups": len(self.groups),
+            "prunable_groups": len(self.prunable_groups),
+            "channels": total,
+            "prunable_channels": prunable,
+            "prunable_fraction": prunable / total if total else 0.0,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "groups": [g.to_dict() for g in self.groups]}
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(self.groups)
