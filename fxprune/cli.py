@@ -1,0 +1,97 @@
+"""The ``fxprune`` command line: ``fxprune compile ...`` and ``fxprune analyze ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fxprune.errors import FxpruneError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxprune", description="Prune convolutional networks with torch.fx.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="prune a model on a dataset and write the model and a report")
+    c.add_argument("--model", default="resnet20", help="resnet20/resnet56/vgg11_bn/vgg16_bn or a torchvision name")
+    c.add_argument("--dataset", default="digits", choices=["digits"], help="scikit-learn's bundled handwritten digits")
+    c.add_argument("--method", default="gdp", help="l1 or gdp")
+    c.add_argument("--flops", type=float, default=None, help="FLOPs budget: fraction of dense (0-1] or absolute MACs")
+    c.add_argument("--params", type=float, default=None, help="parameter budget: fraction or absolute count")
+    c.add_argument("--round-to", type=int, default=1, help="keep group widths a multiple of this")
+    c.add_argument("--epochs", type=int, default=8, help="training epochs with the method's loss (dense training for l1)")
+    c.add_argument("--finetune-epochs", type=int, default=4)
+    c.add_argument("--lr", type=float, default=0.05)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--image-size", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="runs/latest", help="output folder")
+    c.add_argument("--export", choices=["onnx", "tensorrt"], default=None)
+    c.add_argument("--validate", action="append", default=[], help="measure latency: onnxruntime, torch, ...")
+    c.add_argument("--no-progress", action="store_true")
+    a = sub.add_parser("analyze", help="print the channel groups of a model")
+    a.add_argument("--model", default="resnet18")
+    a.add_argument("--input-size", type=int, default=64)
+    a.add_argument("--json", action="store_true", help="print the full channel graph as JSON")
+    return p
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import fxprune
+    from fxprune.data import digits_loaders
+    from fxprune.models import build_model
+
+    torch.manual_seed(args.seed)
+    data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed)
+    model = build_model(args.model, num_classes=data.num_classes)
+    budget = fxprune.Budget(flops=args.flops if args.flops or args.params else 0.5, params=args.params, round_to=args.round_to)
+    print(f"fxprune: {args.method} on {args.model}, digits ({len(data.train.dataset)} train / "
+          f"{len(data.test.dataset)} test), budget {budget.to_dict()}", flush=True)
+    result = fxprune.compile(
+        model, args.method, budget, data.example_inputs(), train_loader=data.train, eval_loader=data.test,
+        epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        progress=not args.no_progress, validate=args.validate,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model, out / "model.pt")
+    (out / "report.json").write_text(result.report.to_json())
+    summary = result.report.summary()
+    (out / "summary.txt").write_text(summary + "\n")
+    if args.export:
+        suffix = ".onnx" if args.export == "onnx" else ".engine"
+        fxprune.export(result.model, out / f"model{suffix}", backend=args.export, example_inputs=data.example_inputs())
+    print(summary)
+    print(f"wrote {out / 'model.pt'}, {out / 'report.json'}, {out / 'summary.txt'}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import fxprune
+    from fxprune.models import build_model
+
+    model = build_model(args.model, num_classes=1000 if args.model not in ("resnet20", "resnet56", "vgg11_bn", "vgg16_bn") else 10).eval()
+    cg = fxprune.analyze(fxprune.trace(model, (torch.randn(1, 3, args.input_size, args.input_size),)))
+    if args.json:
+        print(json.dumps(cg.to_dict(), indent=1))
+        return 0
+    print(json.dumps(cg.summary()))
+    for g in cg.groups:
+        state = "prunable" if g.prunable else f"fixed: {g.reason}"
+        print(f"group {g.id:3d} size {g.size:5d} producers {','.join(g.spaces)[:60]:60s} {state}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _compile(args) if args.command == "compile" else _analyze(args)
+    except FxpruneError as exc:
+        print(f"fxprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Cost model: MACs and parameters as functions of each group's kept units.
+
+FLOPs here are multiply-accumulates (MACs) of conv and linear layers per example; torch's
+``FlopCounterMode`` counts 2 FLOPs per MAC over the whole batch. The same model works on
+integer keep masks (exact accounting) and on float tensors of soft keep values in [0, 1]
+(differentiable penalties: the bilinear FLOPs of GDP/DSA/DAIS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from fxprune.ir import ChannelGraph
+
+Term = tuple[int, list[tuple[int, np.ndarray]]]  # (untracked count, [(group, unit indices)])
+
+
+def _terms(cg: ChannelGraph, ids: np.ndarray) -> Term:
+    g, u = cg.units.lookup(np.asarray(ids).ravel())
+    fixed = int((g < 0).sum())
+    return fixed, [(int(gid), u[g == gid]) for gid in np.unique(g[g >= 0]).tolist()]
+
+
+def _count(term: Term, keep: dict) -> float | torch.Tensor:
+    fixed, parts = term
+    total = fixed
+    for gid, units in parts:
+        k = keep[gid]
+        total = total + (k[torch.as_tensor(units)].sum() if isinstance(k, torch.Tensor) else int(k[units].sum()))
+    return total
+
+
+@dataclass
+class _LayerCost:
+    macs_per_pair: int
+    grouped: bool
+    in_per_group: int
+    inputs: Term
+    outputs: Term
+
+
+@dataclass
+class _ParamCost:
+    shape: tuple[int, ...]
+    dims: dict[int, Term]
+
+
+class CostModel:
+    """MACs (per example) and parameter counts of a traced model under a keep decision."""
+
+    def __init__(self, gm: fx.GraphModule, cg: ChannelGraph):
+        self.cg = cg
+        self.layers = [
+            _LayerCost(l.macs_per_pair, l.groups > 1, l.in_per_group, _terms(cg, l.in_ids), _terms(cg, l.out_ids))
+            for l in cg.layers
+        ]
+        sliced: dict[str, dict[int, Term]] = {}
+        for (qualname, dim), ps in cg.param_slices.items():
+            sliced.setdefault(qualname, {})[dim] = _terms(cg, ps.ids)
+        self.param_costs = [
+            _ParamCost(tuple(p.shape), sliced.get(name, {}))
+            for name, p in gm.named_parameters()
+            if not name.startswith("fxprune_gates.")
+        ]
+
+    def full(self) -> dict[int, np.ndarray]:
+        return {g.id: np.ones(g.size, dtype=bool) for g in self.cg.groups}
+
+    def _complete(self, keep: dict) -> dict:
+        out = dict(keep)
+        for g in self.cg.groups:
+            if g.id not in out:
+                out[g.id] = np.ones(g.size, dtype=bool)
+        return out
+
+    def macs(self, keep: dict | None = None) -> float | torch.Tensor:
+        """Conv + linear MACs per example; ``keep`` maps group -> bool mask or soft tensor."""
+        keep = self._complete(keep or {})
+        total = 0
+        for l in self.layers:
+            out = _count(l.outputs, keep)
+            inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
+            total = total + l.macs_per_pair * out * inp
+        return total
+
+    def params(self, keep: dict | None = None) -> float | torch.Tensor:
+        """Number of parameters (buffers such as BN statistics are not counted)."""
+        keep = self._complete(keep or {})
+        total = 0
+        for p in self.param_costs:
+            n = 1
+            for d, size in enumerate(p.shape):
+                n = n * (_count(p.dims[d], keep) if d in p.dims else size)
+            total = total + n
+        return total
+
+    def floor(self, min_units: dict[int, int]) -> tuple[int, int]:
+        """(MACs, params) with every prunable group cut to ``min_units`` units (its smallest units)."""
+        keep = {}
+        for g in self.cg.prunable_groups:
+            mask = np.zeros(g.size, dtype=bool)
+            mask[: min_units.get(g.id, 1)] = True
+            keep[g.id] = mask
+        return int(self.macs(keep)), int(self.params(keep))
+
+
+def count_macs(model: torch.nn.Module, example_inputs) -> int:
+    """Measured MACs per example of a (pruned or dense) model: trace it and count every layer."""
+    from fxprune.analysis import analyze
+    from fxprune.tracing import trace
+
+    gm = trace(model, example_inputs)
+    return int(CostModel(gm, analyze(gm)).macs())

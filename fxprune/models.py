@@ -1,0 +1,181 @@
+"""Reference models for 32x32 inputs, built from code (no pretrained weights, no downloads).
+
+CIFAR-style ResNets (He et al. 2016, section 4.2) and VGG-BN nets are the usual
+benchmarks of the pruning papers fxprune reproduces; torchvision ships only the
+ImageNet variants, so they are defined here. Every forward is free of
+data-dependent Python control flow, so ``torch.fx.symbolic_trace`` works on all of them,
+and ReLUs are out-of-place so that graph passes may insert nodes between a norm and
+its activation without an in-place op overwriting a tensor another node still reads.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torchvision
+from torch import Tensor, nn
+
+from fxprune.errors import ConfigError
+
+__all__ = ["BasicBlock", "CifarResNet", "CifarVGG", "REFERENCE_MODELS", "build_model",
+           "resnet20", "resnet56", "vgg11_bn", "vgg16_bn"]
+
+
+def _kaiming_init(model: nn.Module) -> None:
+    """torchvision's convention: Kaiming-normal convs (fan_out, ReLU), unit-scale/zero-shift norms.
+
+    Linear layers keep PyTorch's default initialization, as torchvision's ResNets do.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection.
+
+    Where the shape changes (stride 2 or more channels) the shortcut is a 1x1 conv + BN
+    projection: option B of He et al. Option A (strided identity zero-padded with new
+    channels) is not a channel-preserving op, so the channel analysis could not couple
+    the block's input and output channels through it; a projection is an ordinary
+    producer whose channels the analysis understands.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """3x3 stem, three stages of ``blocks_per_stage`` BasicBlocks (16/32/64 channels), avg pool, fc.
+
+    Depth is ``6 * blocks_per_stage + 2`` (ResNet-20: 3, ResNet-56: 9).
+    """
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        stages = []
+        channels = 16
+        for stage, width in enumerate((16, 32, 64)):
+            blocks = []
+            for index in range(blocks_per_stage):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(BasicBlock(channels, width, stride))
+                channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(64, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.flatten(self.avgpool(x)))
+
+
+_VGG_CONFIGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class CifarVGG(nn.Module):
+    """Conv-BN-ReLU stacks with five 2x2 max-pools (32x32 -> 1x1), then flatten -> linear 512 -> classes.
+
+    The single-linear classifier is the common CIFAR variant used by pruning papers;
+    torchvision's 4096-wide ImageNet head would dominate the parameter count.
+    """
+
+    def __init__(self, config: list[int | str], num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, int(item), 3, padding=1, bias=False),
+                           nn.BatchNorm2d(int(item)), nn.ReLU()]
+                channels = int(item)
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.flatten(self.features(x)))
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-20 (about 0.27M parameters)."""
+    return CifarResNet(3, num_classes, in_channels)
+
+
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-56 (about 0.85M parameters)."""
+    return CifarResNet(9, num_classes, in_channels)
+
+
+def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
+    """CIFAR VGG-11 with batch norm (about 9.2M parameters)."""
+    return CifarVGG(_VGG_CONFIGS["vgg11"], num_classes, in_channels)
+
+
+def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
+    """CIFAR VGG-16 with batch norm (about 14.7M parameters)."""
+    return CifarVGG(_VGG_CONFIGS["vgg16"], num_classes, in_channels)
+
+
+REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "vgg11_bn": vgg11_bn,
+    "vgg16_bn": vgg16_bn,
+}
+
+
+def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """A freshly initialized model by name: a reference model here, else a torchvision classifier.
+
+    Reference names win over torchvision's (``vgg11_bn`` here is the CIFAR variant).
+    torchvision models are built with ``weights=None``: fxprune never downloads weights;
+    load a state dict yourself if you need pretrained ones.
+    """
+    if name in REFERENCE_MODELS:
+        return REFERENCE_MODELS[name](num_classes=num_classes, **kwargs)
+    if "weights" in kwargs:
+        raise ConfigError(
+            f"build_model({name!r}) builds untrained models only (weights=None); "
+            "load pretrained weights with model.load_state_dict(...) instead of passing 'weights'"
+        )
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    raise ConfigError(
+        f"unknown model {name!r}: reference models are {sorted(REFERENCE_MODELS)}; any torchvision "
+        "classification model also works, see torchvision.models.list_models(module=torchvision.models)"
+    )

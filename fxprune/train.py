@@ -1,0 +1,185 @@
+"""The built-in training loop that ``fxprune.compile`` runs between ``prepare`` and ``decide``.
+
+Pruning methods plug in through two callables instead of subclassing a trainer:
+``extra_loss`` adds their regularizer to every step and ``on_step`` advances their
+schedules after every optimizer step. Everything the loop measures comes back as
+data (one ``EpochLog`` per epoch) before anything is printed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fxprune.errors import ConfigError, FxpruneError
+
+__all__ = ["EpochLog", "evaluate", "train"]
+
+
+@dataclass
+class EpochLog:
+    """What one epoch (0-based ``epoch``) did. ``train_loss`` is the task loss only, so runs with different
+    ``extra_loss`` terms stay comparable; ``lr`` is the first parameter group's rate at
+    the epoch's first step; ``seconds`` covers training, not evaluation."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    eval_acc: float | None
+    seconds: float
+    lr: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _param_groups(
+    model: nn.Module,
+    params: Iterable[nn.Parameter] | None,
+    extra_param_groups: list[dict] | None,
+) -> list[dict]:
+    """The main group plus ``extra_param_groups``; parameters listed in an extra group are
+    removed from the main one, because gates inserted by ``prepare`` live inside the model
+    and would otherwise appear twice (which torch optimizers reject)."""
+    extra_groups = [dict(group, params=list(group["params"])) for group in extra_param_groups or []]
+    claimed = {id(p) for group in extra_groups for p in group["params"]}
+    main = [p for p in (model.parameters() if params is None else params) if id(p) not in claimed]
+    groups = [{"params": main}] if main else []
+    return groups + extra_groups
+
+
+def _make_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    *,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    optimizer: str = "sgd",
+    schedule: str = "cosine",
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    extra_loss: Callable[[], Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    eval_loader: DataLoader | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    extra_param_groups: list[dict] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    log: Callable[[dict], None] | None = None,
+    epoch_metrics: Callable[[], dict] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[EpochLog]:
+    """Train ``model`` in place for ``epochs`` epochs and return one ``EpochLog`` per epoch.
+
+    Each step: forward, task loss (cross-entropy by default) plus ``extra_loss()``,
+    backward, optimizer step, learning-rate step, then ``on_step(step)`` with the
+    0-based index of the step just taken, counted across epochs. ``schedule="cosine"``
+    anneals every group's rate to zero over all steps (per step, not per epoch, so short
+    runs anneal smoothly). ``log`` receives each epoch's log as a dict and
+    ``epoch_metrics()`` fills its ``extra`` (e.g. the current FLOPs of a gated model).
+    The model is moved to ``device``. Seeding is the caller's job; the loop itself uses
+    no nondeterministic op, so a fixed ``torch.manual_seed`` reproduces a run.
+    """
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative int, got {epochs!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError("the training loader yields no batches")
+    if epochs == 0:
+        return []
+    model.to(device)
+    groups = _param_groups(model, params, extra_param_groups)
+    if not groups:
+        raise ConfigError("no parameters to optimize (params and extra_param_groups are empty)")
+    opt = _make_optimizer(optimizer, groups, lr, momentum, weight_decay)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+        if schedule == "cosine"
+        else None
+    )
+    criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+
+    logs: list[EpochLog] = []
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        epoch_lr = opt.param_groups[0]["lr"]
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for inputs, targets in bar:
+            inputs, targets = inputs.to(device), targets.to(device)
+            opt.zero_grad(set_to_none=True)
+            outputs = model(inputs)
+            task_loss = criterion(outputs, targets)
+            loss = task_loss + extra_loss() if extra_loss is not None else task_loss
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FxpruneError(
+                    f"{desc}: loss became {loss_value} at epoch {epoch + 1}, step {step}; "
+                    "lower the learning rate or the method's regularization strength"
+                )
+            loss.backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            if on_step is not None:
+                on_step(step)
+            step += 1
+            batch = targets.shape[0]
+            loss_sum += task_loss.item() * batch
+            correct += int((outputs.argmax(dim=1) == targets).sum())
+            seen += batch
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        entry = EpochLog(
+            epoch=epoch,
+            train_loss=loss_sum / seen,
+            train_acc=correct / seen,
+            eval_acc=evaluate(model, eval_loader, device) if eval_loader is not None else None,
+            seconds=seconds,
+            lr=epoch_lr,
+            extra=epoch_metrics() if epoch_metrics is not None else {},
+        )
+        logs.append(entry)
+        if log is not None:
+            log(asdict(entry))
+    return logs
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in [0, 1] in eval mode; the model's previous train/eval mode is restored,
+    so evaluating between training epochs does not leave BN layers frozen."""
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    try:
+        correct, seen = 0, 0
+        for inputs, targets in loader:
+            outputs = model(inputs.to(device))
+            correct += int((outputs.argmax(dim=1) == targets.to(device)).sum())
+            seen += targets.shape[0]
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError("the evaluation loader yields no samples")
+    return correct / seen

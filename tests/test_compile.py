@@ -1,0 +1,199 @@
+"""Cost model, budgets, the l1 and gdp methods, prepare/finalize/resume and compile."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxprune
+from fxprune.budget import allocate
+from fxprune.cost import CostModel
+from fxprune.data import digits_loaders
+from fxprune.models import build_model
+from fxprune.passes import finalize, insert_gates
+
+
+def _flop_counter(model, x) -> int:
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "regnet_y_400mf", "densenet121"])
+def test_cost_model_agrees_with_flop_counter_dense_and_pruned(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxprune.trace(model, (x,))
+    cg = fxprune.analyze(gm)
+    cost = CostModel(gm, cg)
+    assert 2 * 2 * cost.macs() == _flop_counter(model, x)  # 2 FLOPs per MAC, batch of 2
+    assert cost.params() == sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(0)
+    keep = allocate(cost, fxprune.Budget(flops=0.5).resolve(cost), {g.id: rng.random(g.size) for g in cg.prunable_groups})
+    gated, gates = insert_gates(gm, cg)
+    with torch.no_grad():
+        for gid, gate in gates.items():
+            gate.weight.copy_(torch.as_tensor(keep[gid], dtype=torch.float32))
+    pruned = finalize(gated, cg)
+    assert 4 * cost.macs(keep) == _flop_counter(pruned, x)
+    assert cost.params(keep) == sum(p.numel() for p in pruned.parameters())
+    assert cost.macs(keep) <= 0.5 * cost.macs()
+
+
+def test_soft_cost_is_differentiable_and_matches_hard_at_binary_values():
+    model = build_model("resnet20").eval()
+    gm = fxprune.trace(model, (torch.randn(1, 3, 32, 32),))
+    cg = fxprune.analyze(gm)
+    cost = CostModel(gm, cg)
+    soft = {g.id: torch.ones(g.size, requires_grad=True) for g in cg.prunable_groups}
+    macs = cost.macs(soft)
+    macs.backward()
+    assert float(macs) == cost.macs()
+    assert all(t.grad is not None and bool((t.grad > 0).all()) for t in soft.values())
+
+
+def test_budget_below_floor_raises_budget_error_with_floor():
+    model = build_model("resnet20").eval()
+    with pytest.raises(fxprune.BudgetError, match="floor"):
+        fxprune.prepare(model, "l1", fxprune.Budget(flops=0.001), (torch.randn(1, 3, 32, 32),))
+    with pytest.raises(fxprune.ConfigError):
+        fxprune.Budget()
+    with pytest.raises(fxprune.ConfigError):
+        fxprune.compile(model, "nope", fxprune.Budget(flops=0.5), (torch.randn(1, 3, 32, 32),))
+
+
+@pytest.mark.parametrize("budget", [fxprune.Budget(flops=0.5), fxprune.Budget(params=0.4, round_to=4),
+                                    fxprune.Budget(flops=0.25, params=0.5)])
+def test_l1_meets_budget_exactly_after_finalize(budget):
+    torch.manual_seed(0)
+    model = build_model("resnet56").eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    result = fxprune.compile(model, "l1", budget, (x,), progress=False)
+    report = result.report
+    if budget.flops is not None:
+        assert report.pruned["flops"] <= budget.flops * report.dense["flops"]
+        assert report.pruned["flops"] > 0.8 * budget.flops * report.dense["flops"]  # not wastefully below
+    if budget.params is not None:
+        assert report.pruned["params"] <= budget.params * report.dense["params"]
+    for g in report.groups:
+        if g["kept"] < g["size"]:
+            assert g["kept"] >= 1 and g["kept"] % budget.round_to == 0
+    assert report.equivalence["max_rel_diff"] < 1e-4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.model(x).shape == (1, 10)
+
+
+def test_l1_keeps_the_largest_filters():
+    model = build_model("vgg11_bn").eval()
+    prepared = fxprune.prepare(model, "l1", fxprune.Budget(flops=0.5), (torch.randn(1, 3, 32, 32),))
+    keep = prepared.method.decide()
+    from fxprune.passes.methods.l1 import producer_l1
+
+    for g in prepared.channel_graph.prunable_groups:
+        scores = producer_l1(prepared.module, prepared.channel_graph, g)
+        if 0 < keep[g.id].sum() < g.size:
+            assert scores[keep[g.id]].min() >= scores[~keep[g.id]].max()
+
+
+def _batches(n: int, seed: int = 0):
+    data = digits_loaders(image_size=16, batch_size=32, seed=seed)
+    it = iter(data.train)
+    return [next(it) for _ in range(n)], data
+
+
+def _run_gdp(prepared, batches, opt):
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(prepared.module(x), y) + prepared.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        prepared.step()
+
+
+def _gdp_setup():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    prepared = fxprune.prepare(model, "gdp", fxprune.Budget(flops=0.5), (torch.randn(2, 3, 16, 16),),
+                               total_steps=12, lam_rate=0.5)
+    opt = torch.optim.SGD([{"params": prepared.model_parameters()},
+                           {"params": prepared.gate_parameters(), "lr": 0.2, "weight_decay": 0.0}], lr=0.05, momentum=0.9)
+    return prepared, opt
+
+
+def test_gdp_prepare_resume_equals_uninterrupted_and_folds_exactly():
+    batches, _ = _batches(12)
+    a, opt_a = _gdp_setup()
+    _run_gdp(a, batches, opt_a)
+    b, opt_b = _gdp_setup()
+    _run_gdp(b, batches[:6], opt_b)
+    state, opt_state = copy.deepcopy(b.state_dict()), copy.deepcopy(opt_b.state_dict())
+    c, opt_c = _gdp_setup()
+    c.load_state_dict(state)
+    opt_c.load_state_dict(opt_state)
+    _run_gdp(c, batches[6:], opt_c)
+    for (k, va), vc in zip(a.module.state_dict().items(), c.module.state_dict().values()):
+        assert torch.equal(va, vc), k
+    assert a.method.lam == c.method.lam
+    # the FLOPs penalty pushed some gates to exact zeros, and lam grew while above budget
+    assert a.method.lam != 1.0
+    pruned = fxprune.finalize(a)
+    rep = a.finalize_report
+    assert rep.max_rel_diff < 1e-4  # fold is exact: no fine-tuning needed for equivalence
+    assert fxprune.count_macs(pruned, (torch.randn(1, 3, 16, 16),)) <= a.targets.macs
+    a.module.eval()
+    pruned.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        ref, out = a.module(x), pruned(x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_gdp_gate_function_and_polarization():
+    from fxprune.passes.methods.gdp import GDPGate
+
+    gate = GDPGate(4, 0, eps=0.01, init=1.0)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([0.0, 0.05, 0.1, 1.0]))
+    v = gate.values()
+    assert v[0] == 0 and 0 < v[1] < v[2] < v[3] < 1
+    v.sum().backward()
+    assert gate.weight.grad[0] == 0  # zero is an attractor: no gradient leaves it
+
+
+def test_compile_gdp_on_digits_meets_budget_and_reports():
+    torch.manual_seed(0)
+    data = digits_loaders(image_size=16, batch_size=64)
+    model = build_model("resnet20")
+    result = fxprune.compile(model, "gdp", fxprune.Budget(flops=0.5), data.example_inputs(), train_loader=data.train,
+                             eval_loader=data.test, epochs=2, finetune_epochs=1, progress=False)
+    r = result.report
+    assert r.pruned["flops"] <= 0.5 * r.dense["flops"]
+    assert r.pruned["params"] < r.dense["params"]
+    assert r.equivalence["max_rel_diff"] < 1e-4
+    assert r.accuracy["pruned"] is not None and r.accuracy["finetuned"] is not None
+    assert [e["phase"] for e in r.epochs] == ["train", "train", "finetune"]
+    assert "MACs" in r.summary() and r.to_json().startswith("{")
+    with pytest.raises(fxprune.ConfigError, match="train_loader"):
+        fxprune.compile(model, "gdp", fxprune.Budget(flops=0.5), data.example_inputs())
+
+
+def test_cli_compile_writes_model_and_report(tmp_path):
+    from fxprune.cli import main
+
+    rc = main(["compile", "--model", "resnet20", "--method", "l1", "--flops", "0.5", "--epochs", "0",
+               "--finetune-epochs", "0", "--image-size", "16", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pruned"]["flops"] <= 0.5 * report["dense"]["flops"]
+    model = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+    assert main(["compile", "--method", "l1", "--flops", "0.0001", "--epochs", "0", "--finetune-epochs", "0",
+                 "--image-size", "16", "--out", str(tmp_path), "--no-progress"]) == 2
