@@ -274,6 +274,15 @@ def _keep_one_in_dead_groups(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[in
         if not mask.any() and any(site.node in alive for site in cg.groups[gid].sites):
             mask[0] = True
             report.retained.setdefault(gid, "all gates are zero; one zero channel is kept (no removable branch)")
+    # A live conv/linear needs >= 1 input and output channel: keep one (zero-valued) unit there.
+    for layer in cg.layers:
+        if layer.node not in alive:
+            continue
+        for ids in (layer.out_ids, layer.in_ids):
+            if len(ids) and not cg.kept_positions(ids, keep).any():
+                gid, uid = cg.units.locate(int(ids[0]))
+                keep[gid][uid] = True
+                report.retained.setdefault(gid, f"'{layer.node}' would have no channels left; one zero channel is kept")
 
 
 def finalize(

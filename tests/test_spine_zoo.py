@@ -37,13 +37,7 @@ SEGMENTATION = set(torchvision.models.list_models(module=torchvision.models.segm
 
 # Core bugs found by these tests (see the module-level reproducer test below); the markers are
 # strict so that a fix makes the suite say "remove me".
-SHUFFLENET_BUG = (
-    "finalize builds a conv with 0 output channels when every unit one producer of a group holds "
-    "is gated to 0 while the group keeps other units (shufflenet: repeated channel shuffles leave "
-    "stage2.3.branch2.5 holding only 8 of its group's 58 units); see "
-    "test_producer_with_all_units_removed_in_a_live_group"
-)
-KNOWN_FAILURES = {"shufflenet_v2_x1_0": SHUFFLENET_BUG}
+KNOWN_FAILURES: dict[str, str] = {}  # models whose default-zoo test is expected to fail
 
 # The smallest input each model accepts is used; these need more than 64x64.
 INPUT_SIZE = {
@@ -652,7 +646,6 @@ class ProducerFullyRemoved(nn.Module):
         return self.head(self.c(x) + torch.cat([self.a(x), self.d(x)], 1))
 
 
-@pytest.mark.xfail(reason=SHUFFLENET_BUG.split(";")[0], raises=RuntimeError, strict=True)
 def test_producer_with_all_units_removed_in_a_live_group():
     model, x, gm, cg = analyzed(ProducerFullyRemoved())
     g = group_of(cg, "a")
@@ -661,6 +654,34 @@ def test_producer_with_all_units_removed_in_a_live_group():
     with torch.no_grad():
         gates[g.id].weight.copy_(torch.tensor([0.0, 0.0, 1.0, 0.5]))
     fin = finalize(gated, cg)  # RuntimeError: conv 'a' would get 0 output channels
+    with torch.no_grad():
+        assert rel_diff(fin(x), gated(x)) <= RTOL
+
+
+class ConsumerFullyRemoved(nn.Module):
+    """``right`` reads only the second half of ``stem``; its output feeds a cat, not a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.right = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        p, q = torch.chunk(self.stem(x), 2, dim=1)
+        return self.head(torch.cat([p, self.right(q)], 1))
+
+
+def test_consumer_with_all_inputs_removed_outside_a_branch():
+    model, x, gm, cg = analyzed(ConsumerFullyRemoved())
+    g = group_of(cg, "stem")
+    assert g.spaces == ["stem"] and g.size == 4 and g.prunable
+    gated, gates = insert_gates(gm, cg)
+    with torch.no_grad():
+        gates[g.id].weight.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))
+    # 'right' now sees only zeros: its output is the constant bias, which 'head' can absorb (or
+    # 'right' keeps one zero input channel); either way the result must match.
+    fin = finalize(gated, cg)  # RuntimeError: head expects 4 input channels, gets 2
     with torch.no_grad():
         assert rel_diff(fin(x), gated(x)) <= RTOL
 

@@ -1,0 +1,346 @@
+"""Property tests of the compiler spine on random small conv networks.
+
+Hypothesis draws a network as a list of block specs (conv-bn-relu, residual with optional 1x1
+projection, concat of two branches, split/chunk along channels, depthwise conv, SE block,
+grouped conv, pooling) and a head (flatten->linear or global-avgpool->linear), then random gates
+with about half of each group at exactly 0 (sometimes a whole group). finalize must give a
+module that computes what the gated module computes, is no larger, and leaves the user's model
+untouched.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.passes import FinalizeReport, finalize, insert_gates
+
+RTOL = 1e-4
+WIDTHS = [4, 6, 8, 12, 16]
+
+# Two open core bugs (reproducers in tests/test_spine_zoo.py, xfail there):
+#  1. a producer whose every unit is gated to 0 while its group keeps other units gets 0 output
+#     channels (test_producer_with_all_units_removed_in_a_live_group);
+#  2. a conv whose whole input is removed, outside a removable residual/SE branch, becomes a conv
+#     with 0 input channels, which torch turns into 0 *output* channels
+#     (test_consumer_with_all_inputs_removed_outside_a_branch).
+# While they are open the gate generator steers around exactly those two situations: it keeps
+# one unit alive per producer and per consumer, and zeroes whole groups only where the design
+# promises branch removal (a residual block's inner conv, an SE squeeze). Set this to False to
+# let hypothesis find them.
+AVOID_KNOWN_BUGS = True
+
+
+# ---- building blocks -------------------------------------------------------------------------------
+def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, cin, cout, k=3, stride=1):
+        super().__init__()
+        self.body = conv_bn(cin, cout, k, stride=stride)
+
+    def forward(self, x):
+        return F.relu(self.body(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, cin, cout, mid, proj):
+        super().__init__()
+        self.a = ConvBNReLU(cin, mid, 3)
+        self.b = conv_bn(mid, cout, 3)
+        self.short = conv_bn(cin, cout, 1) if proj or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.b(self.a(x)) + self.short(x))
+
+
+class Concat(nn.Module):
+    def __init__(self, cin, c1, c2):
+        super().__init__()
+        self.left = ConvBNReLU(cin, c1, 1)
+        self.right = ConvBNReLU(cin, c2, 3)
+
+    def forward(self, x):
+        return torch.cat([self.left(x), self.right(x)], dim=1)
+
+
+class Split(nn.Module):
+    def __init__(self, cin, mode, first, passthrough, cout):
+        super().__init__()
+        self.mode, self.first, self.passthrough = mode, first, passthrough
+        rest = cin - first
+        self.right = ConvBNReLU(rest, cout, 3)
+        self.left = nn.Identity() if passthrough else ConvBNReLU(first, cout, 1)
+
+    def forward(self, x):
+        if self.mode == "split":
+            a, b = torch.split(x, [self.first, x.shape[1] - self.first], dim=1)
+        elif self.mode == "chunk":
+            a, b = torch.chunk(x, 2, dim=1)
+        else:
+            a, b = x.chunk(2, 1)
+        return torch.cat([self.left(a), self.right(b)], 1)
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = conv_bn(c, c, 3, groups=c)
+
+    def forward(self, x):
+        return F.relu6(self.body(x))
+
+
+class SE(nn.Module):
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * s
+
+
+class Grouped(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.body = conv_bn(cin, cout, 3, groups=groups)
+
+    def forward(self, x):
+        return F.relu(self.body(x))
+
+
+def make_block(spec: tuple) -> nn.Module:
+    kind, *args = spec
+    if kind == "conv":
+        return ConvBNReLU(*args)
+    if kind == "residual":
+        return Residual(*args)
+    if kind == "concat":
+        return Concat(*args)
+    if kind == "split":
+        return Split(*args)
+    if kind == "depthwise":
+        return Depthwise(*args)
+    if kind == "se":
+        return SE(*args)
+    if kind == "grouped":
+        return Grouped(*args)
+    if kind == "maxpool":
+        return nn.MaxPool2d(2)
+    if kind == "avgpool":
+        return nn.AvgPool2d(2)
+    raise ValueError(spec)
+
+
+class Net(nn.Module):
+    """A sequence of blocks built from specs, then a head; fx-traceable by construction."""
+
+    def __init__(self, specs: list[tuple], head: tuple):
+        super().__init__()
+        self.specs = specs
+        self.blocks = nn.ModuleList(make_block(s) for s in specs)
+        kind, c, hw, hidden, classes = head
+        self.head_kind = kind
+        features = c * hw * hw if kind == "flatten" else c
+        if hidden:
+            self.fc = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        else:
+            self.fc = nn.Linear(features, classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        if self.head_kind == "flatten":
+            x = torch.flatten(x, 1)
+        else:
+            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+@st.composite
+def networks(draw):
+    size = draw(st.sampled_from([8, 12, 16]))
+    c = draw(st.sampled_from(WIDTHS))
+    specs = [("conv", 3, c, 3, 1)]
+    hw = size
+    for _ in range(draw(st.integers(1, 5))):
+        kinds = ["conv", "residual", "concat", "depthwise", "se", "grouped", "split"]
+        if hw >= 4:
+            kinds += ["maxpool", "avgpool"]
+        kind = draw(st.sampled_from(kinds))
+        if kind == "conv":
+            cout = draw(st.sampled_from(WIDTHS))
+            stride = draw(st.sampled_from([1, 2])) if hw >= 4 else 1
+            specs.append(("conv", c, cout, draw(st.sampled_from([1, 3])), stride))
+            c, hw = cout, (hw + stride - 1) // stride
+        elif kind == "residual":
+            proj = draw(st.booleans())
+            cout = draw(st.sampled_from(WIDTHS)) if proj else c
+            specs.append(("residual", c, cout, draw(st.sampled_from(WIDTHS)), proj))
+            c = cout
+        elif kind == "concat":
+            c1, c2 = draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS))
+            specs.append(("concat", c, c1, c2))
+            c = c1 + c2
+        elif kind == "split":
+            mode = draw(st.sampled_from(["split", "chunk", "chunk_method"]))
+            if mode != "split" and c % 2:
+                mode = "split"
+            first = draw(st.integers(1, c - 1)) if mode == "split" else c // 2
+            passthrough = draw(st.booleans())
+            cout = first if passthrough and mode != "split" else draw(st.sampled_from(WIDTHS))
+            specs.append(("split", c, mode, first, passthrough, cout))
+            c = (first if passthrough else cout) + cout
+        elif kind == "depthwise":
+            specs.append(("depthwise", c))
+        elif kind == "se":
+            specs.append(("se", c, max(2, c // 4)))
+        elif kind == "grouped":
+            g = draw(st.sampled_from([g for g in (2, 4) if c % g == 0] or [1]))
+            cout = draw(st.sampled_from([w for w in WIDTHS if w % g == 0]))
+            specs.append(("grouped", c, cout, g))
+            c = cout
+        else:
+            specs.append((kind,))
+            hw //= 2
+    head = (draw(st.sampled_from(["flatten", "gap"])), c, hw, draw(st.sampled_from([0, 8])), 5)
+    return specs, head, size
+
+
+def build(specs, head, size, seed):
+    torch.manual_seed(seed)
+    model = Net(specs, head)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-trivial BN so that removed channels carry constants
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.5, 0.5, generator=gen)
+    model.eval()
+    return model, torch.randn(1, 3, size, size, generator=gen)
+
+
+# ---- gating ----------------------------------------------------------------------------------------
+def removable_when_dead(group) -> bool:
+    """Groups whose all-zero gates remove a whole branch by design (DESIGN.md, Finalization)."""
+    return len(group.spaces) == 1 and group.spaces[0].endswith(("_a_body_0", "_fc1"))
+
+
+def draw_gates(cg, gates, rng, dead_group: bool) -> dict[int, np.ndarray]:
+    values = {}
+    for gid in sorted(gates):
+        n = cg.group(gid).size
+        v = rng.uniform(0.25, 1.75, n)
+        v[rng.permutation(n)[: n // 2 + int(rng.integers(0, 2)) * (n % 2)]] = 0.0
+        values[gid] = v
+    dead = None
+    candidates = [gid for gid in sorted(values) if not AVOID_KNOWN_BUGS or removable_when_dead(cg.group(gid))]
+    if dead_group and candidates:
+        dead = candidates[int(rng.integers(len(candidates)))]
+        values[dead][:] = 0.0
+    if AVOID_KNOWN_BUGS:
+        def revive(gid: int, units: np.ndarray) -> None:
+            units = np.unique(units)
+            if gid != dead and not values[gid][units].any():
+                values[gid][units[int(rng.integers(len(units)))]] = rng.uniform(0.25, 1.75)
+
+        for gid in values:  # bug 1: every producer keeps a unit
+            for site in cg.group(gid).sites:
+                revive(gid, site.units)
+        for layer in cg.layers:  # bug 2: every consumer keeps an input
+            g, u = cg.units.lookup(layer.in_ids)
+            if (g < 0).any() or not all(int(x) in values for x in g):
+                continue  # reads untracked or ungated channels: never empty
+            alive = [values[int(a)][b] != 0 for a, b in zip(g, u)]
+            if not any(alive) and set(g.tolist()) != {dead}:
+                gid = next(int(a) for a in g if int(a) != dead)
+                revive(gid, u[g == gid])
+    for gid, v in values.items():
+        with torch.no_grad():
+            gates[gid].weight.copy_(torch.as_tensor(v, dtype=torch.float32))
+    return values
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for n, p in m.named_parameters() if "fxprune_gates" not in n)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=True)
+
+
+@SETTINGS
+@given(net=networks(), seed=st.integers(0, 2**16), dead_group=st.booleans())
+def test_random_gating_finalizes_equivalently(net, seed, dead_group):
+    specs, head, size = net
+    model, x = build(specs, head, size, seed)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxprune.trace(model, (x,))
+    cg = fxprune.analyze(gm)
+    gated, gates = insert_gates(gm, cg)
+    values = draw_gates(cg, gates, np.random.default_rng(seed), dead_group)
+    rep = FinalizeReport()
+    fin = finalize(gated, cg, report=rep)
+    for spec in specs:
+        event(f"block {spec[0]}")
+    event(f"head {head[0]}")
+    event(f"whole group zero: {any(not v.any() for v in values.values())}")
+    event(f"branch removed: {bool(rep.removed_branches)}")
+    event(f"units retained: {bool(rep.retained)}")
+    with torch.no_grad():
+        ref, got = gated(x), fin(x)
+        assert rel_diff(got, ref) <= RTOL
+        x2 = torch.randn_like(x)
+        assert rel_diff(fin(x2), gated(x2)) <= 10 * RTOL  # a real module, not a replay
+    assert rep.max_rel_diff <= RTOL
+    assert n_params(fin) <= n_params(model)
+    if any(not v.all() for v in values.values()):
+        assert n_params(fin) < n_params(model) or rep.retained
+    for gid, v in values.items():
+        if gid not in rep.retained:
+            assert rep.kept[gid] == np.count_nonzero(v)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in snapshot.items())
+
+
+@SETTINGS
+@given(net=networks())
+def test_analysis_invariants(net):
+    """Every group's slices and sites are consistent with the parameters they name."""
+    specs, head, size = net
+    model, x = build(specs, head, size, 0)
+    gm = fxprune.trace(model, (x,))
+    cg = fxprune.analyze(gm)
+    assert cg.prunable_groups  # the stem conv at least
+    names = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    for g in cg.groups:
+        assert g.prunable == (g.reason is None)
+        assert g.sites, g
+        held = set()
+        for site in g.sites:
+            held |= set(site.units.tolist())
+        assert held == set(range(g.size))
+        for s in g.slices:
+            t = names[f"{s.module_path}.{s.param}" if s.module_path else s.param]
+            assert s.positions.max() < t.shape[s.dim]
+            assert s.units.min() >= 0 and s.units.max() < g.size
+    # the classifier output reaches the graph output
+    out = cg.groups[-1]
+    assert not out.prunable and "output" in out.reason
