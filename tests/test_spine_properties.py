@@ -2,15 +2,14 @@
 
 Hypothesis draws a network as a list of block specs (conv-bn-relu, residual with optional 1x1
 projection, concat of two branches, split/chunk along channels, depthwise conv, SE block,
-grouped conv, pooling) and a head (flatten->linear or global-avgpool->linear), then random gates
-with about half of each group at exactly 0 (sometimes a whole group). finalize must give a
-module that computes what the gated module computes, is no larger, and leaves the user's model
-untouched.
+grouped conv, channel shuffle, pooling) and a head (flatten->linear or global-avgpool->linear),
+then random gates with about half of each group at exactly 0 (sometimes a whole group).
+finalize must give a module that computes what the gated module computes, is no larger, and
+leaves the user's model untouched. Examples are derandomized (the same 25 every run).
 """
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,17 +22,10 @@ from fxprune.passes import FinalizeReport, finalize, insert_gates
 RTOL = 1e-4
 WIDTHS = [4, 6, 8, 12, 16]
 
-# Two open core bugs (reproducers in tests/test_spine_zoo.py, xfail there):
-#  1. a producer whose every unit is gated to 0 while its group keeps other units gets 0 output
-#     channels (test_producer_with_all_units_removed_in_a_live_group);
-#  2. a conv whose whole input is removed, outside a removable residual/SE branch, becomes a conv
-#     with 0 input channels, which torch turns into 0 *output* channels
-#     (test_consumer_with_all_inputs_removed_outside_a_branch).
-# While they are open the gate generator steers around exactly those two situations: it keeps
-# one unit alive per producer and per consumer, and zeroes whole groups only where the design
-# promises branch removal (a residual block's inner conv, an SE squeeze). Set this to False to
-# let hypothesis find them.
-AVOID_KNOWN_BUGS = True
+# History: this generator found two finalize bugs (a producer or a consumer left with 0 channels
+# when all of its units are gated to 0 but its group lives on); their reproducers are
+# test_producer_with_all_units_removed_in_a_live_group and
+# test_consumer_with_all_inputs_removed_outside_a_branch in tests/test_spine_zoo.py.
 
 
 # ---- building blocks -------------------------------------------------------------------------------
@@ -90,6 +82,15 @@ class Split(nn.Module):
         return torch.cat([self.left(a), self.right(b)], 1)
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: view / transpose / view."""
+
+    def forward(self, x):
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous()
+        return x.view(b, -1, h, w)
+
+
 class Depthwise(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -132,6 +133,8 @@ def make_block(spec: tuple) -> nn.Module:
         return Split(*args)
     if kind == "depthwise":
         return Depthwise(*args)
+    if kind == "shuffle":
+        return Shuffle()
     if kind == "se":
         return SE(*args)
     if kind == "grouped":
@@ -176,6 +179,8 @@ def networks(draw):
     hw = size
     for _ in range(draw(st.integers(1, 5))):
         kinds = ["conv", "residual", "concat", "depthwise", "se", "grouped", "split"]
+        if c % 2 == 0:
+            kinds.append("shuffle")
         if hw >= 4:
             kinds += ["maxpool", "avgpool"]
         kind = draw(st.sampled_from(kinds))
@@ -204,6 +209,8 @@ def networks(draw):
             c = (first if passthrough else cout) + cout
         elif kind == "depthwise":
             specs.append(("depthwise", c))
+        elif kind == "shuffle":
+            specs.append(("shuffle", c))
         elif kind == "se":
             specs.append(("se", c, max(2, c // 4)))
         elif kind == "grouped":
@@ -234,40 +241,18 @@ def build(specs, head, size, seed):
 
 
 # ---- gating ----------------------------------------------------------------------------------------
-def removable_when_dead(group) -> bool:
-    """Groups whose all-zero gates remove a whole branch by design (DESIGN.md, Finalization)."""
-    return len(group.spaces) == 1 and group.spaces[0].endswith(("_a_body_0", "_fc1"))
-
-
 def draw_gates(cg, gates, rng, dead_group: bool) -> dict[int, np.ndarray]:
+    """Uniform [0.25, 1.75) with about half of every group exactly 0; with ``dead_group`` one
+    random gated group is all 0."""
     values = {}
     for gid in sorted(gates):
         n = cg.group(gid).size
         v = rng.uniform(0.25, 1.75, n)
         v[rng.permutation(n)[: n // 2 + int(rng.integers(0, 2)) * (n % 2)]] = 0.0
         values[gid] = v
-    dead = None
-    candidates = [gid for gid in sorted(values) if not AVOID_KNOWN_BUGS or removable_when_dead(cg.group(gid))]
-    if dead_group and candidates:
-        dead = candidates[int(rng.integers(len(candidates)))]
-        values[dead][:] = 0.0
-    if AVOID_KNOWN_BUGS:
-        def revive(gid: int, units: np.ndarray) -> None:
-            units = np.unique(units)
-            if gid != dead and not values[gid][units].any():
-                values[gid][units[int(rng.integers(len(units)))]] = rng.uniform(0.25, 1.75)
-
-        for gid in values:  # bug 1: every producer keeps a unit
-            for site in cg.group(gid).sites:
-                revive(gid, site.units)
-        for layer in cg.layers:  # bug 2: every consumer keeps an input
-            g, u = cg.units.lookup(layer.in_ids)
-            if (g < 0).any() or not all(int(x) in values for x in g):
-                continue  # reads untracked or ungated channels: never empty
-            alive = [values[int(a)][b] != 0 for a, b in zip(g, u)]
-            if not any(alive) and set(g.tolist()) != {dead}:
-                gid = next(int(a) for a in g if int(a) != dead)
-                revive(gid, u[g == gid])
+    if dead_group and values:
+        gids = sorted(values)
+        values[gids[int(rng.integers(len(gids)))]][:] = 0.0
     for gid, v in values.items():
         with torch.no_grad():
             gates[gid].weight.copy_(torch.as_tensor(v, dtype=torch.float32))
@@ -328,7 +313,11 @@ def test_analysis_invariants(net):
     model, x = build(specs, head, size, 0)
     gm = fxprune.trace(model, (x,))
     cg = fxprune.analyze(gm)
-    assert cg.prunable_groups  # the stem conv at least
+    # A channel shuffle's view(b, 2, c // 2) must stay rectangular after pruning, so the analysis
+    # ties channel j to channel j + c/2; shuffles in a row (or one of 4 channels, see
+    # test_shuffle_of_four_channels) can tie everything into one unprunable unit.
+    if not any(spec[0] == "shuffle" for spec in specs):
+        assert cg.prunable_groups  # the stem conv at least
     names = dict(gm.named_parameters()) | dict(gm.named_buffers())
     for g in cg.groups:
         assert g.prunable == (g.reason is None)

@@ -1,9 +1,9 @@
 """The compiler spine (trace -> analyze -> insert_gates -> finalize) on real networks.
 
 * the default zoo: torchvision models built with ``weights=None``; BatchNorm statistics are
-  calibrated on one random batch first so that activations keep a sane scale through the whole
-  network (with the default running stats many zoo models decay to ~1e-14 and every output
-  would trivially match); random gates with about half of each prunable group at exactly 0;
+  calibrated first on a batch of the example input and 3 random images, so that activations
+  keep a sane scale through the whole network (with the default running stats many zoo models
+  decay to ~1e-14, run on denormals and every output would trivially match); random gates with about half of each prunable group at exactly 0;
   the finalized module must be smaller and compute what the gated module computes;
 * a slow sweep over every torchvision classification and segmentation model;
 * all-zero groups (dead residual branches), TraceError / leaf-module fallback;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import warnings
 
 import numpy as np
 import pytest
@@ -35,8 +36,9 @@ DEFAULT_ZOO = [
 
 SEGMENTATION = set(torchvision.models.list_models(module=torchvision.models.segmentation))
 
-# Core bugs found by these tests (see the module-level reproducer test below); the markers are
-# strict so that a fix makes the suite say "remove me".
+# Core bugs found by these tests get a reproducer below and, while open, an entry here (strict
+# xfail, so that a fix makes the suite say "remove me"). The two finalize bugs found so far (a
+# conv left with 0 output or 0 input channels) are fixed; test_shuffle_of_four_channels is open.
 KNOWN_FAILURES: dict[str, str] = {}  # models whose default-zoo test is expected to fail
 
 # The smallest input each model accepts is used; these need more than 64x64.
@@ -67,13 +69,20 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         model = torchvision.models.get_model(name, weights=None)
         size = INPUT_SIZE.get(name, 64)
     model.eval()
-    calibrate(model, size)
-    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    return model, x
 
 
-def calibrate(model: nn.Module, size: int) -> None:
-    """Set BN running stats to the statistics of one random batch (only BN in train mode), and
-    make layer scales O(1) so that pruned residual branches visibly change the output."""
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Set BN running stats to the statistics of one batch (only BN in train mode) that holds the
+    example input and 3 random images, and make layer scales O(1) so that pruned residual
+    branches visibly change the output.
+
+    With statistics of 2 random images only, deep 2x2 feature maps give 8 samples per channel;
+    some variances come out tiny, activations reach 1e5 and the float32 model itself is off by
+    up to 60% from its float64 twin (efficientnet_b3..b6), which no finalize can match to 1e-4.
+    """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -85,7 +94,8 @@ def calibrate(model: nn.Module, size: int) -> None:
             if "layer_scale" in name:
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
         if bns:
-            model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)))
+            noise = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(3))
+            model(torch.cat([x, noise]))
     for bn, m in zip(bns, momenta):
         bn.momentum = m
         bn.eval()
@@ -547,6 +557,30 @@ def test_channel_shuffle_finalizes_equivalently(literal):
         assert res["fin"].get_submodule("head").in_channels < 8
 
 
+class ShuffleFour(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.size()
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous()
+        return self.head(y.view(b, -1, h, w))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "analysis: _couple_across ties along the smaller of the channel-carrying dims and breaks ties "
+    "by axis index; for a 2 x 2 shuffle layout the view ties one direction and, after the "
+    "transpose, the other, so all 4 channels collapse into 1 unit (unprunable 'single channel'). "
+    "6, 8 or 16 channels give c/2 units."))
+def test_shuffle_of_four_channels():
+    model, x, gm, cg = analyzed(ShuffleFour())
+    g = group_of(cg, "conv")
+    assert g.size == 2 and g.prunable, (g.size, g.reason)
+
+
 class ChannelsLastLayerNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -653,7 +687,7 @@ def test_producer_with_all_units_removed_in_a_live_group():
     gated, gates = insert_gates(gm, cg)
     with torch.no_grad():
         gates[g.id].weight.copy_(torch.tensor([0.0, 0.0, 1.0, 0.5]))
-    fin = finalize(gated, cg)  # RuntimeError: conv 'a' would get 0 output channels
+    fin = finalize(gated, cg)  # was: RuntimeError, conv 'a' got 0 output channels
     with torch.no_grad():
         assert rel_diff(fin(x), gated(x)) <= RTOL
 
@@ -681,18 +715,33 @@ def test_consumer_with_all_inputs_removed_outside_a_branch():
         gates[g.id].weight.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))
     # 'right' now sees only zeros: its output is the constant bias, which 'head' can absorb (or
     # 'right' keeps one zero input channel); either way the result must match.
-    fin = finalize(gated, cg)  # RuntimeError: head expects 4 input channels, gets 2
+    fin = finalize(gated, cg)  # was: RuntimeError, 'right' got 0 inputs and torch gave 0 outputs
     with torch.no_grad():
         assert rel_diff(fin(x), gated(x)) <= RTOL
 
 
 # ---- the whole torchvision zoo (slow) ------------------------------------------------------------------
 ALL_MODELS = sorted(torchvision.models.list_models(module=torchvision.models)) + sorted(SEGMENTATION)
+SWEEP_KNOWN_FAILURES: dict[str, str] = {}  # model -> reason, for expected failures of the sweep
+
+
+def float32_noise(gated: nn.Module, x: torch.Tensor) -> float:
+    """How far the float32 gated model is from its own float64 twin (its conditioning)."""
+    with torch.no_grad():
+        return rel_diff(gated(x), copy.deepcopy(gated).double()(x.double()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=SWEEP_KNOWN_FAILURES[n], raises=RuntimeError, strict=False))
+    if n in SWEEP_KNOWN_FAILURES else n
+    for n in ALL_MODELS
+])
 def test_every_torchvision_model(name):
+    """Trace + analyze succeed or raise TraceError; with prunable groups, random half gating
+    finalizes equivalently. Randomly initialised deep nets with random gates in [0.25, 1.75) can
+    be so ill-conditioned that the float32 gated model is itself further than 1e-4 from its
+    float64 twin (efficientnet_b3..b6 at 64x64: ~5e-3); there finalize is checked in float64."""
     if name in TOO_LARGE:
         pytest.skip(TOO_LARGE[name])
     model, x = build(name)
@@ -709,6 +758,20 @@ def test_every_torchvision_model(name):
         return
     try:
         prune_and_check(model, x, gm, cg)
-    finally:
-        del gm, cg
+    except fxprune.EquivalenceError:
+        gated, gates = insert_gates(gm, cg)
+        set_random_gates(gates)
+        noise = float32_noise(gated, x)
+        if noise < RTOL / 10:
+            raise  # a well-conditioned model: the difference is finalize's
+        warnings.warn(f"{name}: the float32 gated model is {noise:.1e} from its float64 twin; "
+                      "finalize is checked in float64")
+        del gated, gates, gm, cg
         gc.collect()
+        model64, x64 = copy.deepcopy(model).double(), x.double()
+        res = prune_and_check(model64, x64)
+        # rounding errors scale with the unit roundoff: float64's is ~2e-9 times float32's
+        assert res["diff"] <= max(1e-9, 1e-6 * noise), (noise, res["diff"])
+    finally:
+        gc.collect()
+    assert_unchanged(model, snapshot)
