@@ -43,6 +43,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
+from fxprune.models import calibrate_batchnorm
 from fxprune.passes import FinalizeReport, finalize, insert_gates
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,19 +78,8 @@ def build(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     # statistics of the example input and 3 random images: few-sample statistics of deep 2x2 maps
     # otherwise make some models (efficientnet_b3..b6 at 64x64) numerically chaotic in float32
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch gives exactly its statistics
-        bn.train()
-    if bns:
-        with torch.no_grad():
-            noise = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(3))
-            model(torch.cat([x, noise]))
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-        bn.eval()
+    noise = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(3))
+    calibrate_batchnorm(model, torch.cat([x, noise]))
     return model, x
 
 

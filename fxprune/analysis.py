@@ -7,6 +7,7 @@ touch unprunable, with the node and op as the reason: conservative, never wrong.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import networkx as nx
@@ -124,7 +125,7 @@ class _Analyzer:
         handler = self._producer_handler(node)
         if handler is not None:
             return handler(node)
-        if node.op == "call_function" and node.target is __import__("operator").getitem and not _is_tensor(node.args[0]):
+        if node.op == "call_function" and node.target is operator.getitem and not _is_tensor(node.args[0]):
             struct = self.env.get(node.args[0])
             if isinstance(struct, (tuple, list)):
                 return struct[node.args[1]]
@@ -517,7 +518,7 @@ class _Analyzer:
             if dims is None or {d % ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))} & set(xm.dims):
                 self._opaque(node, "roll along the channels")
                 return False
-        if node.op == "call_function" and node.target is __import__("operator").getitem:
+        if node.op == "call_function" and node.target is operator.getitem:
             for d, entry in _index_entries(node.args[1], ndim).items():
                 if d in xm.dims and entry != slice(None) and not (
                     isinstance(entry, slice) and entry.step in (None, 1)

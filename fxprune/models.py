@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -179,3 +180,23 @@ def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         f"unknown model {name!r}: reference models are {sorted(REFERENCE_MODELS)}; any torchvision "
         "classification model also works, see torchvision.models.list_models(module=torchvision.models)"
     )
+
+
+def calibrate_batchnorm(model: nn.Module, batch: Tensor) -> None:
+    """Set every BatchNorm's running statistics to exactly those of ``batch``; leaves the model in eval.
+
+    Untrained models keep BN's default statistics, under which activations of deep nets shrink
+    towards 0 and comparisons of outputs prove nothing; one calibration batch fixes that.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: one batch gives exactly its statistics
+        bn.train()
+    if bns:
+        with torch.no_grad():
+            model(batch)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.eval()

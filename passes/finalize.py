@@ -18,7 +18,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.errors import EquivalenceError
 from fxprune.ir import ChannelGraph, ChannelMap, Layer
 from fxprune.ops import BATCHNORM_MODULES
 from fxprune.passes.branches import remove_dead_branches
@@ -140,8 +139,7 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, cols: np.ndarray, const: torc
     contribution = (w.reshape(w.shape[0], len(cols), -1).sum(-1) * const.to(w.dtype)).sum(1)
     if mod.bias is None:
         mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
-        cg_bias = f"{layer.module_path}.bias"
-        layer.bias = cg_bias
+        layer.bias = f"{layer.module_path}.bias"
     with torch.no_grad():
         mod.bias.add_(contribution)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
+from fxprune.models import calibrate_batchnorm
 from fxprune.passes import FinalizeReport, finalize, insert_gates
 
 RTOL = 1e-4
@@ -83,22 +84,12 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     some variances come out tiny, activations reach 1e5 and the float32 model itself is off by
     up to 60% from its float64 twin (efficientnet_b3..b6), which no finalize can match to 1e-4.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch gives exactly its statistics
-        bn.train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_scale" in name:
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
-        if bns:
-            noise = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(3))
-            model(torch.cat([x, noise]))
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-        bn.eval()
+    noise = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(3))
+    calibrate_batchnorm(model, torch.cat([x, noise]))
 
 
 def outputs(value) -> list[torch.Tensor]:

@@ -10,7 +10,6 @@ choice, so one budget fits every architecture).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fxprune.budget import allocate
 from fxprune.passes.methods.base import Method
