@@ -8,7 +8,7 @@ from fxprune.budget import Budget
 from fxprune.cost import CostModel, count_macs
 from fxprune.errors import (
     AnalysisError, BackendUnavailable, BudgetError, ConfigError, EquivalenceError, ExportError,
-    FxpruneError, TraceError,
+    FxpruneError, FxpruneWarning, TraceError,
 )
 from fxprune.ir import ChannelGraph, ChannelGroup
 from fxprune.tracing import trace
@@ -25,6 +25,6 @@ __all__ = [
     "trace", "analyze", "prepare", "finalize", "compile", "export", "Budget", "CostModel",
     "count_macs", "ChannelGraph", "ChannelGroup", "Prepared", "CompileResult", "CompileReport",
     "FxpruneError", "TraceError", "AnalysisError", "EquivalenceError", "BudgetError",
-    "BackendUnavailable", "ExportError", "ConfigError",
+    "BackendUnavailable", "ExportError", "ConfigError", "FxpruneWarning",
 ]
 __version__ = "0.1.0"

@@ -549,11 +549,23 @@ class _Analyzer:
             return None
 
     def _couple_across(self, ids: np.ndarray, where: str) -> None:
-        """Channels spread over several dims: only the largest dim may shrink, the rest are tied."""
-        keep = max(range(ids.ndim), key=lambda a: (ids.shape[a], a))
-        cols = np.moveaxis(ids, keep, -1).reshape(-1, ids.shape[keep])
-        for j in range(cols.shape[1]):
-            self.couple(np.full(cols.shape[0], cols[0, j]), cols[:, j], where)
+        """Channels spread over several dims: only one dim may shrink, the rest are tied.
+
+        The kept dim is the one whose tying merges the fewest units that are still distinct (then
+        the largest): a channel shuffle views, transposes and views back, and the second view
+        must keep the dim the first one kept, or a 2 x 2 shuffle collapses into a single unit.
+        """
+        def cols(axis: int) -> np.ndarray:
+            return np.moveaxis(ids, axis, -1).reshape(-1, ids.shape[axis])
+
+        def merges(axis: int) -> int:
+            c = cols(axis)
+            return sum(len({self.find(v) if v >= 0 else -1 for v in c[:, j].tolist()}) - 1 for j in range(c.shape[1]))
+
+        keep = min(range(ids.ndim), key=lambda a: (merges(a), -ids.shape[a], -a))
+        c = cols(keep)
+        for j in range(c.shape[1]):
+            self.couple(np.full(c.shape[0], c[0, j]), c[:, j], where)
 
     # ---- results -------------------------------------------------------------------------------------
     def result(self) -> ChannelGraph:

@@ -173,7 +173,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         m.total_steps = epochs * len(train_loader)
     prepared = prepare(model, m, budget, example_inputs)
     seconds["prepare"] = time.perf_counter() - t
-    acc = {"dense": _accuracy(copy.deepcopy(model), eval_loader)}
+    acc = {"input": _accuracy(copy.deepcopy(model), eval_loader)}  # the model as given (untrained: chance)
     logs: list[dict[str, Any]] = []
 
     def record(phase: str):
@@ -235,6 +235,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, exampl
 def _validate(dense, pruned, example_inputs, backends: Sequence[str]) -> dict[str, Any]:
     from fxprune.backends import compare_latency
 
+    backends = [backends] if isinstance(backends, str) else list(backends)
     unknown = set(backends) - {"onnxruntime", "torch", "torch-cuda", "tensorrt"}
     if unknown:
         raise ConfigError(f"unknown validate backend(s) {sorted(unknown)}; use onnxruntime, torch, torch-cuda or tensorrt")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fxprune.backends import EXPORT_BACKENDS, LATENCY_BACKENDS
 from fxprune.errors import FxpruneError
 
 
@@ -28,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/latest", help="output folder")
-    c.add_argument("--export", choices=["onnx", "tensorrt"], default=None)
-    c.add_argument("--validate", action="append", default=[], help="measure latency: onnxruntime, torch, ...")
+    c.add_argument("--export", choices=list(EXPORT_BACKENDS), default=None,
+                   help="also write model.onnx (validated in ONNX Runtime) or model.engine (TensorRT)")
+    c.add_argument("--validate", action="append", default=[], choices=list(LATENCY_BACKENDS),
+                   help="measure dense vs pruned latency on this backend (repeatable)")
     c.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("analyze", help="print the channel groups of a model")
     a.add_argument("--model", default="resnet18")
@@ -57,14 +60,20 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result.model, out / "model.pt")
-    (out / "report.json").write_text(result.report.to_json())
-    summary = result.report.summary()
-    (out / "summary.txt").write_text(summary + "\n")
+    report, summary = result.report.to_dict(), result.report.summary()
+    written = [out / "model.pt", out / "report.json", out / "summary.txt"]
     if args.export:
         suffix = ".onnx" if args.export == "onnx" else ".engine"
-        fxprune.export(result.model, out / f"model{suffix}", backend=args.export, example_inputs=data.example_inputs())
+        exported = fxprune.export(result.model, out / f"model{suffix}", backend=args.export,
+                                  example_inputs=data.example_inputs())
+        report["export"] = exported.to_dict()
+        summary += (f"\nexport ({args.export}): {exported.path}, max abs diff vs PyTorch "
+                    f"{exported.max_abs_diff:.2e} at batch sizes {exported.checked_batch_sizes}")
+        written.insert(1, Path(exported.path))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "summary.txt").write_text(summary + "\n")
     print(summary)
-    print(f"wrote {out / 'model.pt'}, {out / 'report.json'}, {out / 'summary.txt'}")
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 

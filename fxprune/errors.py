@@ -37,3 +37,7 @@ class ExportError(FxpruneError):
 
 class ConfigError(FxpruneError):
     """An argument (method name, budget, option) is not valid."""
+
+
+class FxpruneWarning(UserWarning):
+    """Something the user should know that does not make the result wrong."""

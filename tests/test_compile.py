@@ -53,7 +53,7 @@ def test_soft_cost_is_differentiable_and_matches_hard_at_binary_values():
     soft = {g.id: torch.ones(g.size, requires_grad=True) for g in cg.prunable_groups}
     macs = cost.macs(soft)
     macs.backward()
-    assert float(macs) == cost.macs()
+    assert macs.item() == cost.macs()
     assert all(t.grad is not None and bool((t.grad > 0).all()) for t in soft.values())
 
 
@@ -166,6 +166,42 @@ def test_gdp_gate_function_and_polarization():
     assert gate.weight.grad[0] == 0  # zero is an attractor: no gradient leaves it
 
 
+def _gdp_after_warmup(budget):
+    torch.manual_seed(0)
+    prepared = fxprune.prepare(build_model("resnet20"), "gdp", budget, (torch.randn(2, 3, 16, 16),), total_steps=100)
+    prepared.method.steps = 50  # past the warm-up
+    return prepared
+
+
+def test_gdp_snaps_only_as_many_gates_as_the_budget_needs():
+    prepared = _gdp_after_warmup(fxprune.Budget(flops=0.5))
+    m = prepared.method
+    with torch.no_grad():
+        for gate in m.gates.values():  # every gate below `snap`, in a random order
+            gate.weight.copy_(0.2 * torch.rand(gate.weight.shape))
+    prepared.step()
+    macs, target = prepared.current_flops(), prepared.targets.macs
+    full = {gid: np.ones(g.weight.numel(), dtype=bool) for gid, g in m.gates.items()}
+    dense = float(prepared.cost.macs(full))
+    largest_unit = max(dense - float(prepared.cost.macs({**full, gid: np.arange(len(mask)) != 0}))
+                       for gid, mask in full.items())  # one unit's cost is largest in the dense model
+    assert target - largest_unit <= macs <= target
+    assert m.met_at == m.steps and m.gates[0].eps.item() == pytest.approx(m.eps_start)
+
+
+def test_gdp_decide_rounds_widths_and_needs_total_steps():
+    prepared = _gdp_after_warmup(fxprune.Budget(flops=0.9, round_to=4))
+    m = prepared.method
+    with torch.no_grad():
+        for gate in m.gates.values():
+            gate.weight[: 3] = 0.0  # 3 units removed from every group: widths 13, 29, 61
+    keep = m.decide()
+    assert all(mask.sum() % 4 == 0 for mask in keep.values())
+    assert all(int((g.values() > 0).sum()) == keep[gid].sum() for gid, g in m.gates.items())
+    with pytest.raises(fxprune.ConfigError, match="total_steps"):
+        fxprune.prepare(build_model("resnet20"), "gdp", fxprune.Budget(flops=0.5), (torch.randn(1, 3, 16, 16),))
+
+
 def test_compile_gdp_on_digits_meets_budget_and_reports():
     torch.manual_seed(0)
     data = digits_loaders(image_size=16, batch_size=64)
@@ -178,6 +214,9 @@ def test_compile_gdp_on_digits_meets_budget_and_reports():
     assert r.equivalence["max_rel_diff"] < 1e-4
     assert r.accuracy["pruned"] is not None and r.accuracy["finetuned"] is not None
     assert [e["phase"] for e in r.epochs] == ["train", "train", "finetune"]
+    # The gates themselves reached the budget (no fallback ranking) and did not overshoot it.
+    assert result.prepared.method.met_at is not None and r.pruned["flops"] >= 0.4 * r.dense["flops"]
+    assert r.accuracy["gated"] == r.accuracy["pruned"]
     assert "MACs" in r.summary() and r.to_json().startswith("{")
     with pytest.raises(fxprune.ConfigError, match="train_loader"):
         fxprune.compile(model, "gdp", fxprune.Budget(flops=0.5), data.example_inputs())
