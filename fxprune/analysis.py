@@ -228,12 +228,8 @@ class _Analyzer:
         else:
             # A grouped conv keeps its group width: a whole conv group (its inputs and outputs)
             # is one unit, and dropping units lowers ``groups``.
-            per_in, per_out = len(in_ids) // groups, len(out_ids) // groups
-            for k in range(groups):
-                block_in = in_ids[k * per_in:(k + 1) * per_in]
-                block_out = out_ids[k * per_out:(k + 1) * per_out]
-                anchor = np.full(per_in + per_out, block_out[0])
-                self.couple(anchor, np.concatenate([block_in, block_out]), where)
+            blocks = np.concatenate([in_ids.reshape(groups, -1), out_ids.reshape(groups, -1)], axis=1)
+            self.couple(np.repeat(blocks[:, -out_ids.size // groups:][:, :1], blocks.shape[1], axis=1), blocks, where)
             self.bind(weight, 0, out_ids, where)
         if bias is not None:
             self.bind(bias, 0, out_ids, where)

@@ -16,7 +16,10 @@ Choices that are this library's [A], because the paper leaves them open:
   channel is proportional to that channel's FLOPs share (18x larger on ResNet-20's first stage
   than on its last), zeroed the first-stage gates of an untrained network and the run never
   recovered (10% accuracy on digits); with ``warmup=0.25`` the same run reached 96%;
-- ``min_keep``: snapping never leaves a group with fewer than this fraction of its units;
+- ``min_keep``: snapping never leaves a group with fewer than this fraction of its units, and
+  never with none. The paper deletes a residual block whose gates all reach zero; here a
+  group keeps one unit because zeroing a group that every path crosses (a residual stream)
+  silences the network, and telling the two apart needs a reachability check not built yet;
 - ``eps`` stays at ``eps_start`` until the budget is met, then anneals geometrically to
   ``eps_end`` at the last step. Annealing on a fixed clock instead froze the gates (dg/dx ~ eps
   for open gates) before a 25% budget was reached, leaving the decision to the fallback below;
