@@ -1,7 +1,7 @@
 """Dense vs l1 vs gdp on the bundled digits with the CIFAR-style ResNet-20, equal total epochs.
 
-Every run starts from the same seed (same data split and initial weights) and trains for the
-same total number of epochs:
+Every run sees the same data split and batch order; ``--seeds`` vary the initial weights. All
+runs train for the same total number of epochs:
 - dense: ``epochs + finetune`` epochs of ordinary training;
 - l1:    ``epochs`` of ordinary training, L1 allocation to the budget, ``finetune`` epochs;
 - gdp:   ``epochs`` with gates and the FLOPs penalty, finalize (no fine-tune needed for
@@ -117,11 +117,11 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.epochs, args.finetune, args.seeds, args.flops = 1, 1, [0], [0.5]
-    data = digits_loaders(image_size=32, seed=0)
     runs = []
     jobs = [("dense", 1.0, s) for s in args.seeds] + [(m, f, s) for f in args.flops for m in args.methods for s in args.seeds]
     for i, (method, flops, seed) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {method} flops={flops:.0%} seed={seed} ...", flush=True)
+        data = digits_loaders(image_size=32, seed=0)  # fresh loaders: the same split and batch order per run
         if method == "dense":
             run = run_dense(data, args.model, args.epochs + args.finetune, seed, args.lr)
         else:
