@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -79,6 +80,24 @@ class Targets:
             self.params is None or cost.params(keep) <= self.params)
 
 
+def fewest_meeting(cost: CostModel, targets: Targets, keep_after: Callable[[int], dict], n: int) -> int | None:
+    """The smallest k in [0, n] whose ``keep_after(k)`` meets ``targets`` (None if even n does not).
+
+    ``keep_after(k)`` removes the first k of a fixed ranking, so cost is monotone in k and a
+    binary search needs log2(n) cost evaluations.
+    """
+    if not targets.met(cost, keep_after(n)):
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if targets.met(cost, keep_after(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def allocate(cost: CostModel, targets: Targets, scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Keep masks that meet ``targets``, removing the lowest-scoring units first (global ranking).
 
@@ -103,13 +122,7 @@ def allocate(cost: CostModel, targets: Targets, scores: dict[int, np.ndarray]) -
             keep[gid] = mask
         return keep
 
-    lo, hi = 0, len(order)
-    if not targets.met(cost, keep_after(hi)):
+    k = fewest_meeting(cost, targets, keep_after, len(order))
+    if k is None:
         raise BudgetError("the budget cannot be met even with every prunable group at its minimum width")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if targets.met(cost, keep_after(mid)):
-            hi = mid
-        else:
-            lo = mid + 1
-    return keep_after(lo)
+    return keep_after(k)

@@ -79,9 +79,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     import fxprune
-    from fxprune.models import build_model
+    from fxprune.models import REFERENCE_MODELS, build_model
 
-    model = build_model(args.model, num_classes=1000 if args.model not in ("resnet20", "resnet56", "vgg11_bn", "vgg16_bn") else 10).eval()
+    model = build_model(args.model, num_classes=10 if args.model in REFERENCE_MODELS else 1000).eval()
     cg = fxprune.analyze(fxprune.trace(model, (torch.randn(1, 3, args.input_size, args.input_size),)))
     if args.json:
         print(json.dumps(cg.to_dict(), indent=1))

@@ -10,7 +10,7 @@ import copy
 import importlib.util
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -32,13 +32,7 @@ X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 PRUNED_MODELS = ["resnet18", "mobilenet_v2", "densenet121"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread: on a 2-core machine busy with other work, two threads are ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tv(name: str) -> nn.Module:

@@ -1,8 +1,6 @@
 """Bundled digits data, reference models and the built-in trainer, on real data (no mocks)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.fx
@@ -15,14 +13,7 @@ from fxprune.models import REFERENCE_MODELS, build_model, resnet20
 from fxprune.train import EpochLog, evaluate, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run this module single-threaded: on a shared 2-core machine, two OpenMP threads
-    competing with other processes made the ResNet-20 test 6x slower (77 s vs 13 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

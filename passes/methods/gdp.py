@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.budget import allocate
+from fxprune.budget import allocate, fewest_meeting
 from fxprune.errors import ConfigError
 from fxprune.passes.gates import Gate
 from fxprune.passes.methods.base import Method
@@ -145,12 +145,8 @@ class GDP(Method):
                 out[gid][u] = False
             return out
 
-        lo, hi = 1, len(cands)
-        if self.targets.met(self.cost, zeroed(hi)):
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if self.targets.met(self.cost, zeroed(mid)) else (mid + 1, hi)
-        for gid, mask in zeroed(hi).items():
+        k = fewest_meeting(self.cost, self.targets, zeroed, len(cands))
+        for gid, mask in zeroed(len(cands) if k is None else k).items():
             self.zero_units(self.gates[gid], torch.as_tensor(~mask))
 
     def zero_units(self, gate: Gate, removed: torch.Tensor) -> None:
