@@ -1,17 +1,35 @@
 """fxprune: a torch.fx graph-transformation compiler for pruning convolutional networks.
 
 trace -> analyze -> method passes (prepare / train / decide) -> finalize -> lower (export).
+
+The core (tracing, the channel IR and its op rules, cost, budgets, methods' interface, scores)
+is imported here; the user-facing flow (``compile``, ``prepare``, ``finalize``, ``export``),
+which sits above the passes and backends, is loaded on first use, so that any module of the
+package can be imported first without an import cycle.
 """
+from fxprune import rules, scores
 from fxprune.analysis import analyze
-from fxprune.api import CompileReport, CompileResult, Prepared, compile, finalize, prepare
 from fxprune.budget import Budget
 from fxprune.cost import CostModel, count_macs
+from fxprune.decision import Decision
 from fxprune.errors import (
     AnalysisError, BackendUnavailable, BudgetError, ConfigError, EquivalenceError, ExportError,
     FxpruneError, FxpruneWarning, TraceError,
 )
 from fxprune.ir import ChannelGraph, ChannelGroup
+from fxprune.method import Context, Method, register_method
+from fxprune.rules import OpRule, register_op
 from fxprune.tracing import trace
+
+_FLOW = {"compile", "prepare", "finalize", "Prepared", "CompileResult", "CompileReport", "get_method"}
+
+
+def __getattr__(name: str):
+    if name in _FLOW:
+        from fxprune.flow import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
 def export(model, path, backend: str = "onnx", **kwargs):
@@ -24,7 +42,8 @@ def export(model, path, backend: str = "onnx", **kwargs):
 __all__ = [
     "trace", "analyze", "prepare", "finalize", "compile", "export", "Budget", "CostModel",
     "count_macs", "ChannelGraph", "ChannelGroup", "Prepared", "CompileResult", "CompileReport",
-    "FxpruneError", "TraceError", "AnalysisError", "EquivalenceError", "BudgetError",
-    "BackendUnavailable", "ExportError", "ConfigError", "FxpruneWarning",
+    "Decision", "Method", "Context", "register_method", "get_method", "rules", "scores",
+    "register_op", "OpRule", "FxpruneError", "TraceError", "AnalysisError", "EquivalenceError",
+    "BudgetError", "BackendUnavailable", "ExportError", "ConfigError", "FxpruneWarning",
 ]
 __version__ = "0.1.0"

@@ -10,12 +10,18 @@ from fxprune.cost import CostModel
 from fxprune.errors import BudgetError, ConfigError
 
 
+# Budget field -> the cost-model resource it limits (FLOPs are counted as MACs).
+RESOURCE_OF = {"flops": "macs", "params": "params"}
+
+
 @dataclass(frozen=True)
 class Budget:
     """``flops``/``params``: a fraction of the dense model (0 < f <= 1) or an absolute count (> 1).
 
     FLOPs are multiply-accumulates of conv and linear layers per example. ``round_to=N`` keeps
-    every group's kept size a multiple of N (hardware-friendly widths).
+    every group's kept size a multiple of N (hardware-friendly widths). Each field limits one
+    resource of the cost model (``RESOURCE_OF``); raises ``ConfigError`` for a missing, non-numeric
+    or non-positive limit.
     """
 
     flops: float | None = None
@@ -25,59 +31,69 @@ class Budget:
     def __post_init__(self) -> None:
         if self.flops is None and self.params is None:
             raise ConfigError("Budget needs flops=... and/or params=... (a fraction in (0, 1] or an absolute count)")
-        for name in ("flops", "params"):
+        for name in RESOURCE_OF:
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"Budget {name}={v}: must be a fraction in (0, 1] or an absolute count > 1")
-        if int(self.round_to) < 1:
-            raise ConfigError(f"Budget round_to={self.round_to} must be >= 1")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"Budget {name}={v!r}: must be a number, a fraction in (0, 1] or an absolute "
+                                  "count > 1, e.g. Budget(flops=0.5)")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"Budget round_to={self.round_to!r} must be an int >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def limits(self) -> dict[str, float]:
+        """The limit per resource name, as given (fraction or absolute)."""
+        return {RESOURCE_OF[f]: getattr(self, f) for f in RESOURCE_OF if getattr(self, f) is not None}
+
     def resolve(self, cost: CostModel) -> "Targets":
         """Absolute targets for this model; raises BudgetError below what can be reached."""
-        dense_macs, dense_params = int(cost.macs()), int(cost.params())
-        min_units = {g.id: min(g.size, self.round_to) for g in cost.cg.prunable_groups}
-        floor_macs, floor_params = cost.floor(min_units)
-        macs = _absolute(self.flops, dense_macs)
-        params = _absolute(self.params, dense_params)
-        if macs is not None and macs < floor_macs:
-            raise BudgetError(
-                f"FLOPs budget {macs:,} MACs is below the floor of {floor_macs:,} MACs "
-                f"({floor_macs / dense_macs:.1%} of the dense {dense_macs:,}) that the unprunable layers and "
-                f"one{'' if self.round_to == 1 else f' {self.round_to}-wide'} unit per group already cost; "
-                "raise the budget or make more of the model prunable (see analyze's reasons)."
-            )
-        if params is not None and params < floor_params:
-            raise BudgetError(
-                f"parameter budget {params:,} is below the floor of {floor_params:,} "
-                f"({floor_params / dense_params:.1%} of the dense {dense_params:,}) that unprunable layers already cost."
-            )
-        return Targets(macs, params, dense_macs, dense_params, floor_macs, floor_params, int(self.round_to))
+        dense = {name: int(f()) for name, f in cost.resources.items()}
+        floor = cost.floor({g.id: min(g.size, self.round_to) for g in cost.cg.prunable_groups})
+        limits = {name: _absolute(v, dense[name]) for name, v in self.limits().items()}
+        for name, limit in limits.items():
+            if limit < floor[name]:
+                width = "" if self.round_to == 1 else f" {self.round_to}-wide"
+                raise BudgetError(
+                    f"{name} budget {limit:,} is below the floor of {floor[name]:,} "
+                    f"({floor[name] / dense[name]:.1%} of the dense {dense[name]:,}) that the unprunable layers and "
+                    f"one{width} unit per group already cost; raise the budget or make more of the model "
+                    "prunable (see analyze's reasons)."
+                )
+        return Targets(limits, dense, floor, self.round_to)
 
 
-def _absolute(value: float | None, dense: int) -> int | None:
-    if value is None:
-        return None
+def _absolute(value: float, dense: int) -> int:
     return int(value * dense) if value <= 1 else int(value)
 
 
 @dataclass(frozen=True)
 class Targets:
-    """A budget resolved against one model."""
+    """A budget resolved against one model: an absolute limit per resource."""
 
-    macs: int | None
-    params: int | None
-    dense_macs: int
-    dense_params: int
-    floor_macs: int
-    floor_params: int
-    round_to: int
+    limits: dict[str, int]
+    dense: dict[str, int]
+    floor: dict[str, int]
+    round_to: int = 1
 
     def met(self, cost: CostModel, keep: dict) -> bool:
-        return (self.macs is None or cost.macs(keep) <= self.macs) and (
-            self.params is None or cost.params(keep) <= self.params)
+        return all(cost.resource(name)(keep) <= limit for name, limit in self.limits.items())
+
+    @property
+    def macs(self) -> int | None:
+        return self.limits.get("macs")
+
+    @property
+    def params(self) -> int | None:
+        return self.limits.get("params")
+
+    @property
+    def dense_macs(self) -> int:
+        return self.dense["macs"]
+
+    @property
+    def dense_params(self) -> int:
+        return self.dense["params"]
 
 
 def fewest_meeting(cost: CostModel, targets: Targets, keep_after: Callable[[int], dict], n: int) -> int | None:

@@ -1,5 +1,9 @@
 """Cost model: MACs and parameters as functions of each group's kept units.
 
+Each is a *resource*: a function from a keep decision to a cost. Budgets limit resources by
+name (``CostModel.resources``), so a later resource (predicted latency, weight sparsity) plugs in
+beside these two without touching the allocator.
+
 FLOPs here are multiply-accumulates (MACs) of conv and linear layers per example; torch's
 ``FlopCounterMode`` counts 2 FLOPs per MAC over the whole batch. The same model works on
 integer keep masks (exact accounting) and on float tensors of soft keep values in [0, 1]
@@ -8,11 +12,13 @@ integer keep masks (exact accounting) and on float tensors of soft keep values i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph
 
 Term = tuple[int, list[tuple[int, np.ndarray]]]  # (untracked count, [(group, unit indices)])
@@ -52,6 +58,7 @@ class CostModel:
     """MACs (per example) and parameter counts of a traced model under a keep decision."""
 
     def __init__(self, gm: fx.GraphModule, cg: ChannelGraph):
+        """``gm`` is the traced module ``cg`` was computed from (no gates or other additions)."""
         self.cg = cg
         self.layers = [
             _LayerCost(l.macs_per_pair, l.groups > 1, l.in_per_group, _terms(cg, l.in_ids), _terms(cg, l.out_ids))
@@ -63,11 +70,14 @@ class CostModel:
         self.param_costs = [
             _ParamCost(tuple(p.shape), sliced.get(name, {}))
             for name, p in gm.named_parameters()
-            if not name.startswith("fxprune_gates.")
         ]
+        self.resources: dict[str, Callable[[dict], float | torch.Tensor]] = {"macs": self.macs, "params": self.params}
 
-    def full(self) -> dict[int, np.ndarray]:
-        return {g.id: np.ones(g.size, dtype=bool) for g in self.cg.groups}
+    def resource(self, name: str) -> Callable[[dict], float | torch.Tensor]:
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise ConfigError(f"no resource {name!r} in this cost model; known: {sorted(self.resources)}") from None
 
     def _complete(self, keep: dict) -> dict:
         out = dict(keep)
@@ -97,14 +107,14 @@ class CostModel:
             total = total + n
         return total
 
-    def floor(self, min_units: dict[int, int]) -> tuple[int, int]:
-        """(MACs, params) with every prunable group cut to ``min_units`` units (its smallest units)."""
+    def floor(self, min_units: dict[int, int]) -> dict[str, int]:
+        """Every resource with each prunable group cut to ``min_units`` units (its smallest)."""
         keep = {}
         for g in self.cg.prunable_groups:
             mask = np.zeros(g.size, dtype=bool)
             mask[: min_units.get(g.id, 1)] = True
             keep[g.id] = mask
-        return int(self.macs(keep)), int(self.params(keep))
+        return {name: int(f(keep)) for name, f in self.resources.items()}
 
 
 def count_macs(model: torch.nn.Module, example_inputs) -> int:

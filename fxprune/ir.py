@@ -41,6 +41,30 @@ class ChannelMap:
 
 
 @dataclass
+class SizeOf:
+    """An integer (or a tuple of them, ``parts``) computed from tensor sizes, with the channel ids
+    whose count it depends on: empty ``ids`` means it reads no tracked channel extent."""
+
+    ids: np.ndarray
+    parts: tuple["SizeOf", ...] | None = None
+
+    @staticmethod
+    def of(parts: list["SizeOf"]) -> "SizeOf":
+        ids = np.unique(np.concatenate([p.ids for p in parts])) if parts else np.zeros(0, np.int64)
+        return SizeOf(ids.astype(np.int64), tuple(parts))
+
+    def index(self, key: object) -> "SizeOf":
+        """``self[key]`` for an int or slice key; an unknown key depends on every part."""
+        if self.parts is None:
+            return self
+        if isinstance(key, int) and -len(self.parts) <= key < len(self.parts):
+            return self.parts[key]
+        if isinstance(key, slice):
+            return SizeOf.of(list(self.parts[key]))
+        return SizeOf(self.ids)
+
+
+@dataclass
 class ParamSlice:
     """Positions of ``module_path.param`` along ``dim`` and the channel id each holds."""
 
@@ -160,6 +184,9 @@ class ChannelGraph:
     node_maps: dict[str, Any]  # node name -> ChannelMap / None / nested tuples of them
     coupling: nx.Graph  # producer-space nodes; edges join spaces sharing a unit
     blocked: dict[int, str]  # group id -> reason
+    # node name -> the SizeOf of an integer (tuple) node that reads a tracked channel extent
+    channel_sizes: dict[str, SizeOf] = field(default_factory=dict)
+    size_uses: set[str] = field(default_factory=set)  # nodes (not size arithmetic) that consume one
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -182,7 +209,14 @@ class ChannelGraph:
         """Boolean mask over ``ids``: True where the channel survives (untracked always does)."""
         g, u = self.units.lookup(ids)
         kept = np.ones(ids.shape, dtype=bool)
-        for gid in np.unique(g[g >= 0]):
+        tracked = g >= 0
+        if not tracked.any():
+            return kept
+        first = g[tracked].flat[0]
+        if (g[tracked] == first).all():  # the common case: one group
+            kept[tracked] = keep[int(first)][u[tracked]]
+            return kept
+        for gid in np.unique(g[tracked]):
             sel = g == gid
             kept[sel] = keep[int(gid)][u[sel]]
         return kept

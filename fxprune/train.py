@@ -1,8 +1,9 @@
 """The built-in training loop that ``fxprune.compile`` runs between ``prepare`` and ``decide``.
 
-Pruning methods plug in through two callables instead of subclassing a trainer:
-``extra_loss`` adds their regularizer to every step and ``on_step`` advances their
-schedules after every optimizer step. Everything the loop measures comes back as
+Pruning methods plug in through callables instead of subclassing a trainer: ``extra_loss``
+adds their regularizer to every step, ``after_backward`` edits gradients before the optimizer
+step, ``on_step`` advances their schedules after it, and ``train_step`` replaces the whole step
+for a method that owns it (bi-level search). Everything the loop measures comes back as
 data (one ``EpochLog`` per epoch) before anything is printed.
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     extra_loss: Callable[[], Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
+    after_backward: Callable[[], None] | None = None,
+    train_step: Callable[[tuple[Tensor, Tensor], torch.optim.Optimizer], tuple[Tensor, Tensor]] | None = None,
     eval_loader: DataLoader | None = None,
     params: Iterable[nn.Parameter] | None = None,
     extra_param_groups: list[dict] | None = None,
@@ -87,8 +90,9 @@ def train(
     """Train ``model`` in place for ``epochs`` epochs and return one ``EpochLog`` per epoch.
 
     Each step: forward, task loss (cross-entropy by default) plus ``extra_loss()``,
-    backward, optimizer step, learning-rate step, then ``on_step(step)`` with the
-    0-based index of the step just taken, counted across epochs. ``schedule="cosine"``
+    backward, ``after_backward()``, optimizer step, learning-rate step, then ``on_step(step)``
+    with the 0-based index of the step just taken, counted across epochs. ``train_step(batch,
+    optimizer) -> (outputs, task loss)`` replaces forward to optimizer step when given. ``schedule="cosine"``
     anneals every group's rate to zero over all steps (per step, not per epoch, so short
     runs anneal smoothly). ``log`` receives each epoch's log as a dict and
     ``epoch_metrics()`` fills its ``extra`` (e.g. the current FLOPs of a gated model).
@@ -126,18 +130,25 @@ def train(
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for inputs, targets in bar:
             inputs, targets = inputs.to(device), targets.to(device)
-            opt.zero_grad(set_to_none=True)
-            outputs = model(inputs)
-            task_loss = criterion(outputs, targets)
-            loss = task_loss + extra_loss() if extra_loss is not None else task_loss
+            if train_step is not None:
+                outputs, task_loss = train_step((inputs, targets), opt)
+                loss = task_loss
+            else:
+                opt.zero_grad(set_to_none=True)
+                outputs = model(inputs)
+                task_loss = criterion(outputs, targets)
+                loss = task_loss + extra_loss() if extra_loss is not None else task_loss
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FxpruneError(
                     f"{desc}: loss became {loss_value} at epoch {epoch + 1}, step {step}; "
                     "lower the learning rate or the method's regularization strength"
                 )
-            loss.backward()
-            opt.step()
+            if train_step is None:
+                loss.backward()
+                if after_backward is not None:
+                    after_backward()
+                opt.step()
             if scheduler is not None:
                 scheduler.step()
             if on_step is not None:

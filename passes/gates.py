@@ -9,15 +9,17 @@ groups with several producers (residual streams).
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.decision import Decision
+from fxprune.errors import AnalysisError
 from fxprune.ir import ChannelGraph, ChannelGroup
-from fxprune.ops import BATCHNORM_MODULES
+from fxprune.rules.base import gate_anchor
+from fxprune.passes.sharing import materialize, structural_copy
 
 GATE_ROOT = "fxprune_gates"
 
@@ -46,17 +48,6 @@ class Gate(nn.Module):
 GateFactory = Callable[[ChannelGroup], Gate]
 
 
-def _anchor(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """The node whose output is gated: the producer, or its sole affine BatchNorm user."""
-    modules = dict(gm.named_modules())
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module":
-        mod = modules[users[0].target]
-        if isinstance(mod, BATCHNORM_MODULES) and getattr(mod, "weight", None) is not None and users[0].args[0] is node:
-            return users[0]
-    return node
-
-
 def gate_sites(gm: fx.GraphModule) -> list[fx.Node]:
     """The gate nodes of a gated module."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(GATE_ROOT + ".")]
@@ -71,13 +62,20 @@ def insert_gates(
     """Return a gated copy of ``gm`` and ``{group id: gate}`` for every prunable group.
 
     ``groups`` restricts gating to those group ids; ``gate_factory`` builds each group's gate
-    (default: ``Gate`` initialised to 1, which leaves the model's function unchanged).
+    (default: ``Gate`` initialised to 1, which leaves the model's function unchanged). The gated
+    copy shares ``gm``'s parameters and buffers (gates only add modules): training it trains
+    them. Raises ``AnalysisError`` if ``channel_graph`` was not computed from ``gm``.
     """
     factory = gate_factory or (lambda g: Gate(g.size, g.id))
-    gated = copy.deepcopy(gm)
+    gated = structural_copy(gm)
     container = nn.Module()
     gated.add_submodule(GATE_ROOT, container)
     nodes = {n.name: n for n in gated.graph.nodes}
+    modules = dict(gated.named_modules())
+    missing = sorted({s.node for g in channel_graph.prunable_groups for s in g.sites} - set(nodes))
+    if missing:
+        raise AnalysisError(f"insert_gates: the channel graph names nodes {missing[:3]} that are not in this "
+                            "module; pass the channel graph that fxprune.analyze returned for it")
     gates: dict[int, Gate] = {}
     for group in channel_graph.prunable_groups:
         if groups is not None and group.id not in groups:
@@ -86,7 +84,7 @@ def insert_gates(
         container.add_module(f"g{group.id}", gate)
         gates[group.id] = gate
         for k, site in enumerate(group.sites):
-            anchor = _anchor(gated, nodes[site.node])
+            anchor = gate_anchor(gated, nodes[site.node], modules)
             identity = len(site.units) == group.size and bool((site.units == range(group.size)).all())
             with gated.graph.inserting_after(anchor):
                 index = None
@@ -97,5 +95,47 @@ def insert_gates(
                     gate_node = gated.graph.call_module(f"{GATE_ROOT}.g{group.id}", (anchor, index, site.dim))
             anchor.replace_all_uses_with(gate_node, delete_user_cb=lambda u: u is not gate_node)
             gate_node.meta["fxprune_group"] = group.id
-    gated.recompile()
-    return gated, gates
+    return materialize(gated), gates
+
+
+def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
+    """The decision a gated module holds: units whose gate value is exactly 0 are removed, the
+    others keep their gate value as a scale to fold."""
+    scale: dict[int, torch.Tensor] = {}
+    for node in gate_sites(gated):
+        gate = gated.get_submodule(node.target)
+        scale[gate.group_id] = gate.values().detach().float()
+    keep = {gid: (v != 0).numpy() for gid, v in scale.items()}
+    return Decision(channel_graph.keep_masks(keep), scale)
+
+
+def strip_gates(gated: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gated`` without its gates (sharing its parameters): the traced model again."""
+    plain = structural_copy(gated)
+    for node in gate_sites(plain):
+        anchor, index, _ = node.args
+        node.replace_all_uses_with(anchor)
+        plain.graph.erase_node(node)
+        if index is not None and not index.users:
+            plain.graph.erase_node(index)
+    if hasattr(plain, GATE_ROOT):
+        delattr(plain, GATE_ROOT)
+    return materialize(plain)
+
+
+def apply_decision(module: fx.GraphModule, channel_graph: ChannelGraph, decision: Decision) -> fx.GraphModule:
+    """A gated copy of ``module`` (its own gates stripped) that computes what ``decision`` means:
+    every gate holds the decision's scale where a unit is kept and 0 where it is removed, and
+    masked weights hold exact zeros. Finalize checks the pruned module against this one."""
+    plain = strip_gates(module) if gate_sites(module) else module
+    gated, gates = insert_gates(plain, channel_graph)
+    with torch.no_grad():
+        for gid, gate in gates.items():
+            gate.weight.copy_(decision.gate_values(gid, gate.weight.numel()))
+    for qualname, mask in decision.weight_masks.items():
+        path, _, name = qualname.rpartition(".")
+        owner = gated.get_submodule(path)
+        old = getattr(owner, name)
+        masked = old.detach() * mask.to(old.dtype)
+        setattr(owner, name, nn.Parameter(masked, old.requires_grad) if isinstance(old, nn.Parameter) else masked)
+    return gated

@@ -24,7 +24,7 @@ import fxprune
 from fxprune.backends import (ExportResult, LatencyComparison, LatencyResult, compare_latency,
                               export, measure_latency, validate_onnx)
 from fxprune.backends.onnx import ort_session
-from fxprune.cli import main as cli_main
+from fxprune.flow.cli import main as cli_main
 from fxprune.errors import BackendUnavailable, ConfigError, ExportError
 from fxprune.models import build_model, calibrate_batchnorm
 

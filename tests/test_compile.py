@@ -11,9 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
 from fxprune.budget import allocate
+from fxprune.passes.gates import apply_decision, read_gates
 from fxprune.cost import CostModel
 from fxprune.data import digits_loaders
 from fxprune.models import build_model
+from helpers import resumed_equals_uninterrupted
 from fxprune.passes import finalize, insert_gates
 
 
@@ -92,11 +94,11 @@ def test_l1_meets_budget_exactly_after_finalize(budget):
 def test_l1_keeps_the_largest_filters():
     model = build_model("vgg11_bn").eval()
     prepared = fxprune.prepare(model, "l1", fxprune.Budget(flops=0.5), (torch.randn(1, 3, 32, 32),))
-    keep = prepared.method.decide()
-    from fxprune.passes.methods.l1 import producer_l1
+    keep = prepared.method.decide(prepared.ctx).keep
+    assert not any("fxprune_gates" in n for n, _ in prepared.module.named_modules())  # l1 inserts no gates
 
     for g in prepared.channel_graph.prunable_groups:
-        scores = producer_l1(prepared.module, prepared.channel_graph, g)
+        scores = fxprune.scores.l1(prepared.module, prepared.channel_graph, g)
         if 0 < keep[g.id].sum() < g.size:
             assert scores[keep[g.id]].min() >= scores[~keep[g.id]].max()
 
@@ -107,38 +109,19 @@ def _batches(n: int, seed: int = 0):
     return [next(it) for _ in range(n)], data
 
 
-def _run_gdp(prepared, batches, opt):
-    for x, y in batches:
-        loss = torch.nn.functional.cross_entropy(prepared.module(x), y) + prepared.loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        prepared.step()
-
-
 def _gdp_setup():
     torch.manual_seed(0)
     model = build_model("resnet20")
     prepared = fxprune.prepare(model, "gdp", fxprune.Budget(flops=0.5), (torch.randn(2, 3, 16, 16),),
                                total_steps=12, lam_rate=0.5)
     opt = torch.optim.SGD([{"params": prepared.model_parameters()},
-                           {"params": prepared.gate_parameters(), "lr": 0.2, "weight_decay": 0.0}], lr=0.05, momentum=0.9)
+                           {"params": prepared.method_parameters(), "lr": 0.2, "weight_decay": 0.0}], lr=0.05, momentum=0.9)
     return prepared, opt
 
 
 def test_gdp_prepare_resume_equals_uninterrupted_and_folds_exactly():
     batches, _ = _batches(12)
-    a, opt_a = _gdp_setup()
-    _run_gdp(a, batches, opt_a)
-    b, opt_b = _gdp_setup()
-    _run_gdp(b, batches[:6], opt_b)
-    state, opt_state = copy.deepcopy(b.state_dict()), copy.deepcopy(opt_b.state_dict())
-    c, opt_c = _gdp_setup()
-    c.load_state_dict(state)
-    opt_c.load_state_dict(opt_state)
-    _run_gdp(c, batches[6:], opt_c)
-    for (k, va), vc in zip(a.module.state_dict().items(), c.module.state_dict().values()):
-        assert torch.equal(va, vc), k
+    a, c = resumed_equals_uninterrupted(_gdp_setup, batches, 6)
     assert a.method.lam == c.method.lam
     # the FLOPs penalty pushed some gates to exact zeros, and lam grew while above budget
     assert a.method.lam != 1.0
@@ -146,12 +129,18 @@ def test_gdp_prepare_resume_equals_uninterrupted_and_folds_exactly():
     rep = a.finalize_report
     assert rep.max_rel_diff < 1e-4  # fold is exact: no fine-tuning needed for equivalence
     assert fxprune.count_macs(pruned, (torch.randn(1, 3, 16, 16),)) <= a.targets.macs
-    a.module.eval()
+    # The pruned module computes what the decision means, on data it was not checked on; where the
+    # decision is what the gates hold (no fallback), that is the trained gated module itself.
+    reference = apply_decision(a.module, a.channel_graph, a.decision).eval()
     pruned.eval()
     x = batches[0][0]
     with torch.no_grad():
-        ref, out = a.module(x), pruned(x)
+        ref, out = reference(x), pruned(x)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    gates_say = read_gates(a.module, a.channel_graph)
+    if all((gates_say.keep[g] == a.decision.keep[g]).all() for g in a.method.gates):
+        with torch.no_grad():
+            assert torch.allclose(a.module.eval()(x), out, rtol=1e-4, atol=1e-5)
 
 
 def test_gdp_gate_function_and_polarization():
@@ -169,7 +158,7 @@ def test_gdp_gate_function_and_polarization():
 def _gdp_after_warmup(budget):
     torch.manual_seed(0)
     prepared = fxprune.prepare(build_model("resnet20"), "gdp", budget, (torch.randn(2, 3, 16, 16),), total_steps=100)
-    prepared.method.steps = 50  # past the warm-up
+    prepared.ctx.step = 50  # past the warm-up
     return prepared
 
 
@@ -180,13 +169,13 @@ def test_gdp_snaps_only_as_many_gates_as_the_budget_needs():
         for gate in m.gates.values():  # every gate below `snap`, in a random order
             gate.weight.copy_(0.2 * torch.rand(gate.weight.shape))
     prepared.step()
-    macs, target = prepared.current_flops(), prepared.targets.macs
+    macs, target = int(prepared.cost.macs(m.hard_keep())), prepared.targets.macs
     full = {gid: np.ones(g.weight.numel(), dtype=bool) for gid, g in m.gates.items()}
     dense = float(prepared.cost.macs(full))
     largest_unit = max(dense - float(prepared.cost.macs({**full, gid: np.arange(len(mask)) != 0}))
                        for gid, mask in full.items())  # one unit's cost is largest in the dense model
     assert target - largest_unit <= macs <= target
-    assert m.met_at == m.steps and m.gates[0].eps.item() == pytest.approx(m.eps_start)
+    assert m.met_at == prepared.ctx.step and m.gates[0].eps.item() == pytest.approx(m.options.eps_start)
 
 
 def test_gdp_decide_rounds_widths_and_needs_total_steps():
@@ -195,9 +184,10 @@ def test_gdp_decide_rounds_widths_and_needs_total_steps():
     with torch.no_grad():
         for gate in m.gates.values():
             gate.weight[: 3] = 0.0  # 3 units removed from every group: widths 13, 29, 61
-    keep = m.decide()
-    assert all(mask.sum() % 4 == 0 for mask in keep.values())
-    assert all(int((g.values() > 0).sum()) == keep[gid].sum() for gid, g in m.gates.items())
+    decision = m.decide(prepared.ctx)
+    assert all(mask.sum() % 4 == 0 for mask in decision.keep.values())
+    assert all(int((g.values() > 0).sum()) - 1 == decision.keep[gid].sum() for gid, g in m.gates.items())
+    assert all(torch.equal(decision.scale[gid], g.values().detach()) for gid, g in m.gates.items())
     with pytest.raises(fxprune.ConfigError, match="total_steps"):
         fxprune.prepare(build_model("resnet20"), "gdp", fxprune.Budget(flops=0.5), (torch.randn(1, 3, 16, 16),))
 
@@ -223,7 +213,7 @@ def test_compile_gdp_on_digits_meets_budget_and_reports():
 
 
 def test_cli_compile_writes_model_and_report(tmp_path):
-    from fxprune.cli import main
+    from fxprune.flow.cli import main
 
     rc = main(["compile", "--model", "resnet20", "--method", "l1", "--flops", "0.5", "--epochs", "0",
                "--finetune-epochs", "0", "--image-size", "16", "--out", str(tmp_path), "--no-progress"])

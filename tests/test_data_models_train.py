@@ -7,7 +7,7 @@ import torch.fx
 from sklearn.datasets import load_digits
 from torch import nn
 
-from fxprune.data import DataSplit, digits_loaders
+from fxprune.data import DATASETS, DataSplit, HardDigits, digits_loaders
 from fxprune.errors import ConfigError, FxpruneError
 from fxprune.models import REFERENCE_MODELS, build_model, resnet20
 from fxprune.train import EpochLog, evaluate, train
@@ -99,6 +99,95 @@ def test_augmentation_shifts_by_at_most_two_pixels_and_is_reproducible() -> None
 def test_bad_data_arguments_raise_config_error(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         digits_loaders(**kwargs)
+
+
+# A recipe that leaves every image as it is: digits-hard must then reduce to digits.
+_IDENTITY = dict(rotation_deg=0.0, shear_deg=0.0, scale=(1.0, 1.0), translate=0.0, clutter_intensity=0.0, noise_std=0.0)
+
+
+@pytest.fixture(scope="module")
+def hard() -> DataSplit:
+    return digits_loaders(variant="digits-hard")
+
+
+def _standardized_rows(images: torch.Tensor) -> torch.Tensor:
+    """Each image as a zero-mean, unit-norm row: invariant to the split-wide normalization."""
+    rows = images.flatten(1).double()
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def test_hard_variant_shapes_dtypes_and_labels(hard: DataSplit) -> None:
+    assert DATASETS == ("digits", "digits-hard")
+    (train_x, train_y), (test_x, test_y) = hard.train.dataset.tensors, hard.test.dataset.tensors
+    assert train_x.shape == (1437, 3, 32, 32) and test_x.shape == (360, 3, 32, 32)
+    assert train_x.dtype == test_x.dtype == torch.float32 and train_y.dtype == test_y.dtype == torch.long
+    assert set(train_y.tolist()) == set(test_y.tolist()) == set(range(10))
+    assert torch.equal(train_x[:, 0], train_x[:, 2])
+    assert abs(train_x.mean().item()) < 1e-4 and abs(train_x.std().item() - 1.0) < 1e-3
+    assert hard.num_classes == 10 and hard.input_shape == (3, 32, 32)
+
+
+def test_hard_variant_keeps_the_stratified_split_of_digits(digits: DataSplit, hard: DataSplit) -> None:
+    assert torch.equal(hard.test.dataset.tensors[1], digits.test.dataset.tensors[1])
+    assert torch.equal(hard.train.dataset.tensors[1], digits.train.dataset.tensors[1])
+    # train_fraction keeps a stratified share of the training split; the test split is unchanged.
+    half = digits_loaders(image_size=8, channels=1, variant="digits-hard", hard=HardDigits(train_fraction=0.5))
+    full = torch.bincount(digits.train.dataset.tensors[1], minlength=10)
+    kept = torch.bincount(half.train.dataset.tensors[1], minlength=10)
+    assert ((kept.float() - 0.5 * full.float()).abs() <= 1.0).all()
+    assert torch.equal(half.test.dataset.tensors[1], digits.test.dataset.tensors[1])
+
+
+def test_hard_variant_is_deterministic_per_data_seed(hard: DataSplit) -> None:
+    again = digits_loaders(variant="digits-hard")
+    for a, b in zip(hard.train.dataset.tensors + hard.test.dataset.tensors,
+                    again.train.dataset.tensors + again.test.dataset.tensors):
+        assert torch.equal(a, b)
+    torch.manual_seed(123)  # a training run's weight-init seed must not change the data
+    assert torch.equal(digits_loaders(variant="digits-hard").test.dataset.tensors[0], hard.test.dataset.tensors[0])
+    other = digits_loaders(variant="digits-hard", seed=1)
+    assert not torch.equal(other.test.dataset.tensors[1], hard.test.dataset.tensors[1])
+
+
+def test_hard_variant_really_differs_from_digits(digits: DataSplit, hard: DataSplit) -> None:
+    # Same test images in the same order, both standardized: measured mean |difference| 0.75 (in std units).
+    difference = (hard.test.dataset.tensors[0] - digits.test.dataset.tensors[0]).abs().mean().item()
+    assert difference > 0.5
+
+
+def test_identity_recipe_reduces_to_digits_and_train_test_stay_disjoint() -> None:
+    plain = digits_loaders(image_size=8, channels=1)
+    same = digits_loaders(image_size=8, channels=1, variant="digits-hard", hard=HardDigits(**_IDENTITY))
+    for a, b in zip(plain.train.dataset.tensors + plain.test.dataset.tensors,
+                    same.train.dataset.tensors + same.test.dataset.tensors):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # With half the training images, every kept image is a distinct digits train image, never a test image.
+    half = digits_loaders(image_size=8, channels=1, variant="digits-hard", hard=HardDigits(**_IDENTITY, train_fraction=0.5))
+    pool = _standardized_rows(torch.cat([plain.train.dataset.tensors[0], plain.test.dataset.tensors[0]]))
+    nearest = torch.cdist(_standardized_rows(half.train.dataset.tensors[0]), pool).min(dim=1)
+    assert nearest.values.max() < 1e-4
+    assert (nearest.indices < len(plain.train.dataset)).all() and len(torch.unique(nearest.indices)) == 718
+
+
+def test_kept_images_do_not_depend_on_train_fraction(hard: DataSplit) -> None:
+    half = digits_loaders(variant="digits-hard", hard=HardDigits(train_fraction=0.5))
+    assert len(half.train.dataset) == 718
+    # Only the normalization statistics change with the kept share; per-image standardization removes them.
+    torch.testing.assert_close(_standardized_rows(half.test.dataset.tensors[0][:, 0]),
+                               _standardized_rows(hard.test.dataset.tensors[0][:, 0]), atol=1e-5, rtol=0)
+    kept = torch.cdist(_standardized_rows(half.train.dataset.tensors[0][:, 0]),
+                       _standardized_rows(hard.train.dataset.tensors[0][:, 0])).min(dim=1).values
+    assert kept.max() < 1e-4
+
+
+def test_bad_variant_or_recipe_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="digits, digits-hard"):
+        digits_loaders(variant="mnist")
+    with pytest.raises(ConfigError, match="scale"):
+        HardDigits(scale=(1.2, 0.8))
+    with pytest.raises(ConfigError, match="train_fraction"):
+        HardDigits(train_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------- models

@@ -121,6 +121,47 @@ class Grouped(nn.Module):
         return F.relu(self.body(x))
 
 
+class Attention(nn.Module):
+    """Sizes read from x.shape reshape a tensor that comes out of a matmul (an opaque op)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.q, self.k, self.v = nn.Conv2d(c, 4, 1), nn.Conv2d(c, 4, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k = self.q(x).view(B, -1, H * W), self.k(x).view(B, -1, H * W)
+        attn = torch.softmax(q.transpose(1, 2) @ k, dim=-1)
+        return (self.v(x).view(B, C, H * W) @ attn.transpose(1, 2)).view(B, C, H, W) + x
+
+
+class SpatialSplit(nn.Module):
+    """A split along the height (not the channels) whose literal sizes must stay as they are."""
+
+    def __init__(self, c, top):
+        super().__init__()
+        self.top = top
+        self.a, self.b = ConvBNReLU(c, c, 3), ConvBNReLU(c, c, 3)
+
+    def forward(self, x):
+        up, down = torch.split(x, [self.top, x.shape[2] - self.top], dim=2)
+        return torch.cat([self.a(up), self.b(down)], dim=2)
+
+
+class ChunkList(nn.Module):
+    """A C2f-style block: chunks into a Python list that grows, then one cat."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.cv1 = ConvBNReLU(c, 2 * (c // 2), 1)
+        self.m = nn.ModuleList(ConvBNReLU(c // 2, c // 2, 3) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return torch.cat(y, 1)
+
+
 def make_block(spec: tuple) -> nn.Module:
     kind, *args = spec
     if kind == "conv":
@@ -139,6 +180,12 @@ def make_block(spec: tuple) -> nn.Module:
         return SE(*args)
     if kind == "grouped":
         return Grouped(*args)
+    if kind == "attention":
+        return Attention(*args)
+    if kind == "spatial_split":
+        return SpatialSplit(*args)
+    if kind == "chunk_list":
+        return ChunkList(*args)
     if kind == "maxpool":
         return nn.MaxPool2d(2)
     if kind == "avgpool":
@@ -161,7 +208,7 @@ class Net(nn.Module):
         else:
             self.fc = nn.Linear(features, classes)
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):  # variadic, as detectors' forwards are
         for block in self.blocks:
             x = block(x)
         if self.head_kind == "flatten":
@@ -178,9 +225,11 @@ def networks(draw):
     specs = [("conv", 3, c, 3, 1)]
     hw = size
     for _ in range(draw(st.integers(1, 5))):
-        kinds = ["conv", "residual", "concat", "depthwise", "se", "grouped", "split"]
+        kinds = ["conv", "residual", "concat", "depthwise", "se", "grouped", "split", "attention"]
         if c % 2 == 0:
-            kinds.append("shuffle")
+            kinds += ["shuffle", "chunk_list"]
+        if hw >= 2:
+            kinds.append("spatial_split")
         if hw >= 4:
             kinds += ["maxpool", "avgpool"]
         kind = draw(st.sampled_from(kinds))
@@ -211,6 +260,14 @@ def networks(draw):
             specs.append(("depthwise", c))
         elif kind == "shuffle":
             specs.append(("shuffle", c))
+        elif kind == "attention":
+            specs.append(("attention", c))
+        elif kind == "spatial_split":
+            specs.append(("spatial_split", c, draw(st.integers(1, hw - 1))))
+        elif kind == "chunk_list":
+            n = draw(st.integers(1, 2))
+            specs.append(("chunk_list", c, n))
+            c = (2 + n) * (c // 2)
         elif kind == "se":
             specs.append(("se", c, max(2, c // 4)))
         elif kind == "grouped":

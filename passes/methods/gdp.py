@@ -16,10 +16,16 @@ Choices that are this library's [A], because the paper leaves them open:
   channel is proportional to that channel's FLOPs share (18x larger on ResNet-20's first stage
   than on its last), zeroed the first-stage gates of an untrained network and the run never
   recovered (10% accuracy on digits); with ``warmup=0.25`` the same run reached 96%;
-- ``min_keep``: snapping never leaves a group with fewer than this fraction of its units, and
-  never with none. The paper deletes a residual block whose gates all reach zero; here a
-  group keeps one unit because zeroing a group that every path crosses (a residual stream)
-  silences the network, and telling the two apart needs a reachability check not built yet;
+- ``min_keep``: snapping never leaves a group with fewer than this fraction of its units. As in
+  the paper, a group may lose every unit when some input-to-output path bypasses it (a residual
+  block's internal channels: ``fxprune.analysis.bypassed_groups``); finalize then replaces the
+  dead branch by its constant. A group that every path crosses (a residual stream, a plain
+  chain) keeps at least one unit, since zeroing it would silence the network;
+- ``penalty``: ``"flops"`` (default, the paper's bilinear FLOPs) or ``"uniform"`` (the mean
+  gate value: every unit pushed alike, the FLOPs budget enforced only by the snapping order).
+  The FLOPs penalty pushes each unit in proportion to its share of the FLOPs, 18x harder on
+  ResNet-20's first-stage residual stream than on its last stage, which empties that stream
+  first; ``"uniform"`` is offered to compare (benchmarks/results/methods.md), not tuned;
 - ``eps`` stays at ``eps_start`` until the budget is met, then anneals geometrically to
   ``eps_end`` at the last step. Annealing on a fixed clock instead froze the gates (dg/dx ~ eps
   for open gates) before a 25% budget was reached, leaving the decision to the fallback below;
@@ -35,15 +41,19 @@ model with no fine-tuning.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from fxprune.analysis import bypassed_groups
 from fxprune.budget import allocate, fewest_meeting
 from fxprune.errors import ConfigError
+from fxprune.decision import Decision
+from fxprune.method import Context, register_method
 from fxprune.passes.gates import Gate
-from fxprune.passes.methods.base import Method
+from fxprune.passes.methods.gated import GateMethod
 
 
 class GDPGate(Gate):
@@ -59,32 +69,42 @@ class GDPGate(Gate):
         return self.alive * x2 / (x2 + self.eps)
 
 
-class GDP(Method):
+@dataclass(frozen=True)
+class GDPOptions:
+    lam: float = 1.0
+    lam_rate: float = 0.2
+    eps_start: float = 1.0
+    eps_end: float = 1e-3
+    snap: float = 0.05
+    init: float = 1.0
+    warmup: float = 0.25
+    min_keep: float = 0.0
+    penalty: str = "flops"
+
+
+@register_method
+class GDP(GateMethod):
     """Gates with Differentiable Polarization; hyper-parameters documented in the module docstring."""
 
     name = "gdp"
+    Options = GDPOptions
     needs_training = True
+    needs_total_steps = True
 
-    def __init__(self, lam: float = 1.0, lam_rate: float = 0.2, eps_start: float = 1.0,
-                 eps_end: float = 1e-3, snap: float = 0.05, init: float = 1.0,
-                 warmup: float = 0.25, min_keep: float = 0.0, total_steps: int | None = None) -> None:
-        super().__init__()
-        self.lam, self.lam_rate, self.warmup, self.min_keep = lam, lam_rate, warmup, min_keep
-        self.eps_start, self.eps_end, self.snap, self.init = eps_start, eps_end, snap, init
-        self.total_steps = total_steps
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.penalty not in ("flops", "uniform"):
+            raise ConfigError(f"gdp penalty must be 'flops' or 'uniform', got {self.options.penalty!r}")
+        self.lam = self.options.lam
         self.met_at: int | None = None  # the step at which the hard FLOPs first met the budget
-        self._dense_macs = 1.0
+        self.bypassed: set[int] = set()
+
+    def prepare(self, ctx: Context) -> None:
+        super().prepare(ctx)
+        self.bypassed = bypassed_groups(ctx.traced, ctx.graph)
 
     def make_gate(self, group) -> Gate:
-        return GDPGate(group.size, group.id, self.eps_start, self.init)
-
-    def prepare(self, gm, cg, cost, targets):
-        if not self.total_steps:
-            raise ConfigError("gdp needs total_steps (the number of optimizer steps you will train) for its "
-                              "warm-up, lam and eps schedules: fxprune.prepare(..., total_steps=epochs * len(loader))")
-        gated = super().prepare(gm, cg, cost, targets)
-        self._dense_macs = float(targets.dense_macs)
-        return gated
+        return GDPGate(group.size, group.id, self.options.eps_start, self.options.init)
 
     def soft_keep(self) -> dict[int, torch.Tensor]:
         return {gid: gate.values() for gid, gate in self.gates.items()}
@@ -92,32 +112,35 @@ class GDP(Method):
     def hard_keep(self) -> dict[int, np.ndarray]:
         return {gid: (gate.values() > 0).detach().numpy() for gid, gate in self.gates.items()}
 
-    def _warming(self) -> bool:
-        return self.steps < self.warmup * self.total_steps
+    def _warming(self, ctx: Context) -> bool:
+        return ctx.step < self.options.warmup * ctx.total_steps
 
-    def loss(self) -> torch.Tensor:
-        if self._warming():
+    def loss(self, ctx: Context) -> torch.Tensor:
+        if self._warming(ctx):
             return torch.zeros(())
-        return self.lam * self.cost.macs(self.soft_keep()) / self._dense_macs
+        soft = self.soft_keep()
+        if self.options.penalty == "uniform":  # every unit pushed alike; snapping keeps the budget
+            return self.lam * sum(v.sum() for v in soft.values()) / sum(v.numel() for v in soft.values())
+        return self.lam * ctx.cost.macs(soft) / float(ctx.targets.dense_macs)
 
-    def step(self) -> None:
+    def after_step(self, ctx: Context) -> None:
         """Warm-up, then search (lam grows until the budget is met), then polarize (eps anneals)."""
-        super().step()
-        if self._warming():
+        if self._warming(ctx):
             return
+        o = self.options
         with torch.no_grad():
-            self._snap()
-            if self.met_at is None and self.targets.met(self.cost, self.hard_keep()):
-                self.met_at = self.steps
-            factor = (1 + self.lam_rate) ** (100 / self.total_steps)
+            self._snap(ctx)
+            if self.met_at is None and ctx.targets.met(ctx.cost, self.hard_keep()):
+                self.met_at = ctx.step
+            factor = (1 + o.lam_rate) ** (100 / ctx.total_steps)
             self.lam = self.lam * factor if self.met_at is None else self.lam / factor
             if self.met_at is not None:
-                t = min((self.steps - self.met_at) / max(self.total_steps - self.met_at, 1), 1.0)
-                eps = self.eps_start * (self.eps_end / self.eps_start) ** t
+                t = min((ctx.step - self.met_at) / max(ctx.total_steps - self.met_at, 1), 1.0)
+                eps = o.eps_start * (o.eps_end / o.eps_start) ** t
                 for gate in self.gates.values():
                     gate.eps.fill_(eps)
 
-    def _snap(self) -> None:
+    def _snap(self, ctx: Context) -> None:
         """Zero gates below ``snap``, smallest first, but no more than the budget needs.
 
         Zeroing is irreversible, and many gates cross ``snap`` in the same step once ``lam`` is
@@ -128,15 +151,17 @@ class GDP(Method):
         cands = []
         for gid, v in values.items():
             alive = int((v > 0).sum())
-            floor = max(1, int(np.ceil(self.min_keep * len(v))))
-            low = torch.nonzero((v > 0) & (v < self.snap)).flatten()
+            floor = int(np.ceil(self.options.min_keep * len(v)))
+            if gid not in self.bypassed:
+                floor = max(floor, 1)
+            low = torch.nonzero((v > 0) & (v < self.options.snap)).flatten()
             low = low[torch.argsort(v[low])][: max(alive - floor, 0)]
             cands += [(float(v[u]), gid, int(u)) for u in low]
         cands.sort()
         if not cands:
             return
         keep = self.hard_keep()
-        if self.targets.met(self.cost, keep):
+        if ctx.targets.met(ctx.cost, keep):
             return
 
         def zeroed(k: int) -> dict[int, np.ndarray]:
@@ -145,31 +170,32 @@ class GDP(Method):
                 out[gid][u] = False
             return out
 
-        k = fewest_meeting(self.cost, self.targets, zeroed, len(cands))
+        k = fewest_meeting(ctx.cost, ctx.targets, zeroed, len(cands))
         for gid, mask in zeroed(len(cands) if k is None else k).items():
             self.zero_units(self.gates[gid], torch.as_tensor(~mask))
 
-    def zero_units(self, gate: Gate, removed: torch.Tensor) -> None:
+    @staticmethod
+    def zero_units(gate: GDPGate, removed: torch.Tensor) -> None:
         gate.alive[removed] = 0.0
         gate.weight[removed] = 0.0
 
-    def decide(self) -> dict[int, np.ndarray]:
-        keep = self._round_down(self.hard_keep())
-        for mask in keep.values():  # count a dead group as one channel: its branch may stay
-            if not mask.any():
+    def decide(self, ctx: Context, data: Any = None) -> Decision:
+        keep = self._round_down(ctx, self.hard_keep())
+        for gid, mask in keep.items():  # only a bypassed group may die: finalize drops its branch
+            if not mask.any() and gid not in self.bypassed:
                 mask[0] = True
-        if not self.targets.met(self.cost, keep):
+        if not ctx.targets.met(ctx.cost, keep):
             # Training stopped above budget: rank the surviving gates; dead ones rank lowest.
             scores = {gid: gate.values().detach().double().numpy() for gid, gate in self.gates.items()}
-            keep = allocate(self.cost, self.targets, scores)
-        self.apply_keep(keep)
-        return keep
+            keep = allocate(ctx.cost, ctx.targets, scores)
+        scale = {gid: gate.values().detach().float() for gid, gate in self.gates.items()}
+        return Decision(keep, scale)
 
-    def _round_down(self, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def _round_down(self, ctx: Context, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Honour ``Budget(round_to=r)``: drop a group's smallest surviving gates down to a
         multiple of r. Removing channels only lowers the cost, so a met budget stays met; a group
         with fewer than r survivors keeps them all (a zeroed gate cannot be revived exactly)."""
-        r = self.targets.round_to
+        r = ctx.targets.round_to
         if r == 1:
             return keep
         for gid, mask in keep.items():
@@ -182,14 +208,12 @@ class GDP(Method):
                 mask[alive[np.argsort(values, kind="stable")[:extra]]] = False
         return keep
 
+    def schedule(self, ctx: Context) -> dict[str, float]:
+        eps = next(iter(self.gates.values())).eps.item() if self.gates else self.options.eps_start
+        return {"lam": self.lam, "eps": eps, "macs": float(ctx.cost.macs(self.hard_keep()))}
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "lam": self.lam, "met_at": self.met_at}
+        return {"lam": self.lam, "met_at": self.met_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         self.lam, self.met_at = float(state["lam"]), state["met_at"]
-
-    def describe(self) -> dict[str, Any]:
-        return {"lam": self.lam, "lam_rate": self.lam_rate, "eps_start": self.eps_start,
-                "eps_end": self.eps_end, "snap": self.snap, "init": self.init,
-                "warmup": self.warmup, "min_keep": self.min_keep}

@@ -1,4 +1,8 @@
-"""The user-facing flow: prepare -> train -> finalize (compile composes them with a trainer)."""
+"""The user-facing flow: prepare -> train -> finalize (compile composes them with a trainer).
+
+This layer sits above the core (``fxprune.ir``, ``analysis``, ``cost``, ``budget``, ``method``
+...), the passes and the backends; none of those imports it.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,82 +14,146 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+import fxprune.passes.methods  # noqa: F401  (registers the built-in methods)
 from fxprune.analysis import analyze
 from fxprune.budget import Budget, Targets
 from fxprune.cost import CostModel, count_macs
-from fxprune.errors import ConfigError
+from fxprune.decision import Decision
+from fxprune.errors import BudgetError, ConfigError
 from fxprune.ir import ChannelGraph
+from fxprune.method import METHODS, Context, Method
 from fxprune.passes.finalize import FinalizeReport
 from fxprune.passes.finalize import finalize as finalize_pass
-from fxprune.passes.methods import Method, get_method
 from fxprune.tracing import trace
+
+
+def get_method(method: str | Method, **options: Any) -> Method:
+    """A method instance from its registered name (``fxprune.method.METHODS``) or an instance."""
+    if isinstance(method, Method):
+        if options:
+            raise ConfigError("pass options to the method's constructor, not beside an instance")
+        return method
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    return METHODS[method](**options)
 
 
 @dataclass
 class Prepared:
-    """A gated copy of the user's model plus its method, for any training loop.
+    """A working copy of the user's model plus its method and context, for any training loop.
 
-    Per training step: ``loss = task_loss + prepared.loss()``, backward, optimizer step, then
-    ``prepared.step()``. ``fxprune.finalize(prepared)`` returns the pruned module.
+    Per step: ``loss = task_loss + prepared.loss()``, ``loss.backward()``,
+    ``prepared.after_backward()``, optimizer step, ``prepared.step()`` (a method that owns the
+    step: ``prepared.train_step(batch, optimizer)`` instead). ``fxprune.finalize(prepared)``
+    returns the pruned module.
     """
 
-    module: fx.GraphModule
     method: Method
-    channel_graph: ChannelGraph
-    cost: CostModel
-    targets: Targets
+    ctx: Context
     finalize_report: FinalizeReport | None = None
+    decision: Decision | None = None
+
+    @property
+    def module(self) -> fx.GraphModule:
+        return self.ctx.module
+
+    @property
+    def channel_graph(self) -> ChannelGraph:
+        return self.ctx.graph
+
+    @property
+    def cost(self) -> CostModel:
+        return self.ctx.cost
+
+    @property
+    def targets(self) -> Targets:
+        return self.ctx.targets
 
     def loss(self) -> torch.Tensor:
-        extra = self.method.loss()
+        extra = self.method.loss(self.ctx)
         return extra if extra is not None else torch.zeros(())
 
+    def after_backward(self) -> None:
+        self.method.after_backward(self.ctx)
+
     def step(self) -> None:
-        self.method.step()
+        """After the optimizer step: count it, then advance the method's schedules."""
+        self.ctx.step += 1
+        self.method.after_step(self.ctx)
+
+    def train_step(self, batch: Any, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's own step (for methods that define ``train_step``), then ``step()``."""
+        if self.method.train_step is None:
+            raise ConfigError(f"method {self.method.name!r} does not own the training step; use loss/step")
+        out = self.method.train_step(self.ctx, batch, optimizer)
+        self.step()
+        return out
 
     def model_parameters(self) -> list[torch.nn.Parameter]:
-        """The network's own parameters (gates excluded: they want their own optimizer settings)."""
-        gate_ids = {id(p) for p in self.method.gate_parameters()}
-        return [p for p in self.module.parameters() if id(p) not in gate_ids and p.requires_grad]
+        """The network's own parameters (the method's excluded: they want their own settings)."""
+        own = {id(p) for p in self.method.parameters(self.ctx)}
+        return [p for p in self.module.parameters() if id(p) not in own and p.requires_grad]
 
-    def gate_parameters(self) -> list[torch.nn.Parameter]:
-        return self.method.gate_parameters()
+    def method_parameters(self) -> list[torch.nn.Parameter]:
+        return self.method.parameters(self.ctx)
 
-    def current_flops(self) -> int:
-        """MACs per example if every unit with a non-zero gate were kept."""
-        keep = {gid: (g.values() != 0).detach().numpy() for gid, g in self.method.gates.items()}
-        return int(self.cost.macs(keep))
+    def current_flops(self, decision: Decision | None = None) -> int:
+        """MACs per example of the current decision (the method's ``decide`` if none given)."""
+        decision = decision if decision is not None else self.method.decide(self.ctx)
+        return int(self.cost.macs(decision.keep))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "method": self.method.state_dict()}
+        return {"module": self.module.state_dict(), "method": self.method.state_dict(), "step": self.ctx.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.method.load_state_dict(state["method"])
+        self.ctx.step = int(state["step"])
 
 
 def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget | None = None,
-            example_inputs: Sequence[Any] = (), **method_options: Any) -> Prepared:
-    """Trace and analyze ``model`` (a copy), resolve ``budget`` and insert the method's gates."""
+            example_inputs: Sequence[Any] = (), total_steps: int | None = None,
+            **method_options: Any) -> Prepared:
+    """Trace and analyze ``model`` (a copy), resolve ``budget`` and let the method prepare.
+
+    Raises ``ConfigError`` (missing budget or inputs, unknown method or option, a method that
+    schedules over the run without ``total_steps``), ``TraceError``, ``BudgetError``.
+    """
     if budget is None:
         raise ConfigError("prepare needs a budget, e.g. fxprune.Budget(flops=0.5)")
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"budget must be an fxprune.Budget, got {type(budget).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
     if not example_inputs:
         raise ConfigError("prepare needs example_inputs, e.g. (torch.randn(1, 3, 32, 32),)")
+    m = get_method(method, **method_options)
+    if m.needs_total_steps and not total_steps:
+        raise ConfigError(f"{m.name} needs total_steps (the number of optimizer steps you will train) for its "
+                          "schedules: fxprune.prepare(..., total_steps=epochs * len(loader))")
     gm = trace(model, example_inputs)
     cg = analyze(gm)
     cost = CostModel(gm, cg)
-    targets = budget.resolve(cost)
-    m = get_method(method, **method_options)
-    gated = m.prepare(gm, cg, cost, targets)
-    return Prepared(gated, m, cg, cost, targets)
+    ctx = Context(gm, gm, cg, cost, budget.resolve(cost), tuple(gm.meta["fxprune_example_inputs"]),
+                  dict(gm.meta.get("fxprune_leaf_modules", {})), total_steps=total_steps)
+    m.prepare(ctx)
+    return Prepared(m, ctx)
 
 
-def finalize(prepared: Prepared, rtol: float = 1e-4) -> fx.GraphModule:
-    """Let the method decide, then remove the pruned channels for real (checked for equivalence)."""
-    prepared.method.decide()
+def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4) -> fx.GraphModule:
+    """Let the method decide (``data``: a calibration loader for data-driven methods), then
+    remove the pruned channels for real. The result is checked twice: it computes what the
+    decision means (``EquivalenceError`` otherwise), and its cost meets the budget
+    (``BudgetError`` otherwise, e.g. when finalize had to keep units that carry a constant)."""
+    decision = prepared.method.decide(prepared.ctx, data)
     report = FinalizeReport()
-    model = finalize_pass(prepared.module, prepared.channel_graph, rtol=rtol, report=report)
-    prepared.finalize_report = report
+    model = finalize_pass(prepared.module, prepared.channel_graph, decision, rtol=rtol, report=report)
+    prepared.decision, prepared.finalize_report = decision, report
+    if not prepared.targets.met(prepared.cost, report.keep):
+        costs = {name: int(f(report.keep)) for name, f in prepared.cost.resources.items()}
+        raise BudgetError(f"the finalized model costs {costs}, above the budget {prepared.targets.limits}: "
+                          f"finalize kept units that removed channels feed as constants ({report.retained}); "
+                          "lower the budget or use a method that prunes these groups together")
     return model
 
 
@@ -153,48 +221,51 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
             example_inputs: Sequence[Any] = (), train_loader=None, eval_loader=None, epochs: int = 0,
             finetune_epochs: int = 0, lr: float = 0.05, gate_lr: float = 0.2,
             weight_decay: float = 5e-4, progress: bool = True, validate: Sequence[str] = (),
-            method_options: dict[str, Any] | None = None, log=None) -> CompileResult:
+            method_options: dict[str, Any] | None = None, calib_loader=None) -> CompileResult:
     """Prune ``model`` to ``budget`` with ``method``; the user's model is left untouched.
 
-    Phases: prepare (trace, analyze, gate); train ``epochs`` with the method's loss and schedule
-    (gates at 1 for methods that do not train, so this is ordinary training); decide and
-    finalize; fine-tune the pruned model ``finetune_epochs``; optionally measure latency
-    (``validate=["onnxruntime"]``).
+    Phases: prepare (trace, analyze, the method's gates if any); train ``epochs`` with the
+    method's hooks (ordinary training for methods without any); decide (``calib_loader``, else
+    ``train_loader``, is the data of data-driven methods) and finalize; fine-tune the pruned
+    model ``finetune_epochs``; optionally measure latency (``validate=["onnxruntime"]``).
+    Raises ``ConfigError``, ``TraceError``, ``BudgetError``, ``EquivalenceError``.
     """
     from fxprune.train import train
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    options = dict(method_options or {})
-    m = get_method(method, **options)
+    m = get_method(method, **dict(method_options or {}))
     if m.needs_training and (train_loader is None or epochs <= 0):
         raise ConfigError(f"method {m.name!r} learns its decision: pass train_loader and epochs > 0")
-    if hasattr(m, "total_steps") and train_loader is not None and m.total_steps is None:
-        m.total_steps = epochs * len(train_loader)
-    prepared = prepare(model, m, budget, example_inputs)
+    if (epochs > 0 or finetune_epochs > 0) and train_loader is None:
+        raise ConfigError(f"epochs={epochs} and finetune_epochs={finetune_epochs} need a train_loader")
+    total = epochs * len(train_loader) if train_loader is not None and epochs > 0 else None
+    prepared = prepare(model, m, budget, example_inputs, total_steps=total)
     seconds["prepare"] = time.perf_counter() - t
     acc = {"input": _accuracy(copy.deepcopy(model), eval_loader)}  # the model as given (untrained: chance)
     logs: list[dict[str, Any]] = []
-
-    def record(phase: str):
-        return lambda entry: logs.append({"phase": phase, **entry})
-
-    if epochs > 0 and train_loader is not None:
+    if epochs > 0:
         t = time.perf_counter()
-        groups = [{"params": prepared.gate_parameters(), "lr": gate_lr, "weight_decay": 0.0}] if prepared.gate_parameters() else None
+        own = prepared.method_parameters()
+        groups = [{"params": own, "lr": gate_lr, "weight_decay": 0.0}] if own else None
+        ctx = prepared.ctx
+        overrides = {hook: getattr(type(m), hook) is not getattr(Method, hook) for hook in ("loss", "after_backward")}
         for e in train(prepared.module, train_loader, epochs, lr=lr, weight_decay=weight_decay,
                        params=prepared.model_parameters(), extra_param_groups=groups,
-                       extra_loss=prepared.method.loss if m.needs_training else None,
-                       on_step=lambda s: prepared.step(), eval_loader=eval_loader, progress=progress,
-                       desc=f"{m.name} train", epoch_metrics=lambda: {"macs": prepared.current_flops()}):
+                       extra_loss=prepared.loss if overrides["loss"] else None,
+                       after_backward=prepared.after_backward if overrides["after_backward"] else None,
+                       on_step=lambda s: prepared.step(),
+                       train_step=(lambda batch, opt: m.train_step(ctx, batch, opt)) if m.train_step else None,
+                       eval_loader=eval_loader, progress=progress, desc=f"{m.name} train",
+                       epoch_metrics=lambda: m.schedule(ctx)):
             logs.append({"phase": "train", **asdict(e)})
         seconds["train"] = time.perf_counter() - t
         acc["gated"] = _accuracy(prepared.module, eval_loader)
     t = time.perf_counter()
-    pruned = finalize(prepared)
+    pruned = finalize(prepared, data=calib_loader if calib_loader is not None else train_loader)
     seconds["finalize"] = time.perf_counter() - t
     acc["pruned"] = _accuracy(pruned, eval_loader)
-    if finetune_epochs > 0 and train_loader is not None:
+    if finetune_epochs > 0:
         t = time.perf_counter()
         for e in train(pruned, train_loader, finetune_epochs, lr=lr, weight_decay=weight_decay,
                        eval_loader=eval_loader, progress=progress, desc="fine-tune"):

@@ -1,4 +1,4 @@
-"""The ``fxprune`` command line: ``fxprune compile ...`` and ``fxprune analyze ...``."""
+"""The ``fxprune`` command line: ``fxprune compile``, ``fxprune analyze`` and ``fxprune bench``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,18 @@ from pathlib import Path
 import torch
 
 from fxprune.backends import EXPORT_BACKENDS, LATENCY_BACKENDS
+from fxprune.data import DATASETS
 from fxprune.errors import FxpruneError
+from fxprune.flow.api import get_method  # noqa: F401  (the flow registers the built-in methods)
+from fxprune.method import method_names
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="prune a model on a dataset and write the model and a report")
     c.add_argument("--model", default="resnet20", help="resnet20/resnet56/vgg11_bn/vgg16_bn or a torchvision name")
-    c.add_argument("--dataset", default="digits", choices=["digits"], help="scikit-learn's bundled handwritten digits")
-    c.add_argument("--method", default="gdp", help="l1 or gdp")
+    c.add_argument("--dataset", default="digits", choices=list(DATASETS),
+                   help="scikit-learn's bundled handwritten digits, or their harder variant")
+    c.add_argument("--method", default="gdp", choices=method_names())
     c.add_argument("--flops", type=float, default=None, help="FLOPs budget: fraction of dense (0-1] or absolute MACs")
     c.add_argument("--params", type=float, default=None, help="parameter budget: fraction or absolute count")
     c.add_argument("--round-to", type=int, default=1, help="keep group widths a multiple of this")
@@ -34,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--validate", action="append", default=[], choices=list(LATENCY_BACKENDS),
                    help="measure dense vs pruned latency on this backend (repeatable)")
     c.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="compare methods on the same data, budget and schedule (JSON, markdown, PNG)")
+    b.add_argument("--methods", type=_names, default=("l1", "gdp", "greg1", "greg2", "tpp"),
+                   help=f"comma-separated, from {', '.join(method_names())}")
+    b.add_argument("--dataset", default="digits-hard", choices=list(DATASETS))
+    b.add_argument("--flops", type=_floats, default=(0.5, 0.25, 0.1), help="comma-separated FLOPs targets")
+    b.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")), default=(0, 1, 2))
+    b.add_argument("--model", default="resnet20")
+    b.add_argument("--epochs", type=int, default=8, help="epochs before pruning (with the method's hooks)")
+    b.add_argument("--finetune", type=int, default=4, help="fine-tune epochs after pruning")
+    b.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
+    b.add_argument("--out", default="benchmarks/results/methods", help="output stem (.json, .md, .png)")
+    b.add_argument("--resume", action="store_true", help="skip runs already in the output JSON")
+    b.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("analyze", help="print the channel groups of a model")
     a.add_argument("--model", default="resnet18")
     a.add_argument("--input-size", type=int, default=64)
@@ -47,7 +72,7 @@ def _compile(args: argparse.Namespace) -> int:
     from fxprune.models import build_model
 
     torch.manual_seed(args.seed)
-    data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed)
+    data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, variant=args.dataset)
     model = build_model(args.model, num_classes=data.num_classes)
     budget = fxprune.Budget(flops=args.flops if args.flops or args.params else 0.5, params=args.params, round_to=args.round_to)
     print(f"fxprune: {args.method} on {args.model}, digits ({len(data.train.dataset)} train / "
@@ -93,10 +118,21 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fxprune.flow.bench import BenchConfig, bench, markdown, aggregate
+
+    cfg = BenchConfig(methods=args.methods, dataset=args.dataset, flops=args.flops, seeds=args.seeds,
+                      model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out)
+    runs = bench(cfg, resume=args.resume, progress=not args.no_progress)
+    print(Path(args.out).with_suffix(".md").read_text() if runs else markdown(aggregate(runs), {}))
+    print(f"wrote {args.out}.json, .md, .png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _compile(args) if args.command == "compile" else _analyze(args)
+        return {"compile": _compile, "analyze": _analyze, "bench": _bench}[args.command](args)
     except FxpruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2

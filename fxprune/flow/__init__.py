@@ -1,0 +1,2 @@
+"""The user-facing flow (``compile``, ``prepare``, ``finalize``, the CLI): above the core, the
+passes and the backends, which never import it."""

@@ -1,0 +1,232 @@
+"""The methods benchmark every method issue reports with (``fxprune bench``, benchmarks/methods.py).
+
+Every run trains the same model from scratch on the same data split in the same batch order for
+the same total number of epochs; seeds vary only the initial weights:
+- ``dense``: ``epochs + finetune`` epochs of ordinary training;
+- a method: ``epochs`` with the method's hooks (ordinary training for one-shot methods), decide
+  and finalize to the FLOPs target, then ``finetune`` epochs.
+Per run: test accuracy before and after fine-tuning (and of the trained gated model), MACs and
+parameters counted on the finalized module, the width each group kept, and wall time per phase.
+Runs go to worker processes (``jobs``), torch on one thread each; results are rewritten
+atomically after every run (JSON, markdown, and a PNG of accuracy vs MACs), and ``resume`` skips
+runs already in the JSON.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fxprune.errors import ConfigError
+
+Run = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...] = ("l1", "gdp", "greg1", "greg2", "tpp")
+    dataset: str = "digits-hard"
+    flops: tuple[float, ...] = (0.5, 0.25, 0.1)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    model: str = "resnet20"
+    epochs: int = 8
+    finetune: int = 4
+    lr: float = 0.05
+    batch_size: int = 64
+    jobs: int = 1
+    out: str = "benchmarks/results/methods"
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def runs(self) -> list[tuple[str, float, int]]:
+        dense = [("dense", 1.0, s) for s in self.seeds]
+        return dense + [(m, f, s) for f in self.flops for m in self.methods for s in self.seeds]
+
+
+def _key(method: str, flops: float, seed: int) -> str:
+    return f"{method}/{flops:g}/{seed}"
+
+
+def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
+    """One training run (in a worker process)."""
+    import fxprune
+    from fxprune.data import digits_loaders
+    from fxprune.models import build_model
+    from fxprune.train import evaluate, train
+
+    torch.set_num_threads(1)
+    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset)  # same split and order
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes=data.num_classes)
+    x = data.example_inputs()
+    dense_macs = fxprune.count_macs(model, x)
+    run: Run = {"method": method, "flops_target": flops, "seed": seed}
+    if method == "dense":
+        t = time.perf_counter()
+        train(model, data.train, cfg.epochs + cfg.finetune, lr=cfg.lr, progress=False, desc="dense")
+        return {**run, "accuracy": evaluate(model, data.test), "accuracy_before_finetune": None,
+                "accuracy_gated": None, "macs": dense_macs, "macs_fraction": 1.0,
+                "params": sum(p.numel() for p in model.parameters()), "seconds": {"train": time.perf_counter() - t},
+                "widths": {}, "method_options": {}}
+    result = fxprune.compile(model, method, fxprune.Budget(flops=flops), x, train_loader=data.train,
+                             eval_loader=data.test, epochs=cfg.epochs, finetune_epochs=cfg.finetune, lr=cfg.lr,
+                             progress=False, method_options=cfg.method_options.get(method))
+    r = result.report
+    acc = r.accuracy
+    return {**run, "accuracy": acc.get("finetuned", acc["pruned"]), "accuracy_before_finetune": acc["pruned"],
+            "accuracy_gated": acc.get("gated"), "macs": r.pruned["flops"],
+            "macs_fraction": r.pruned["flops"] / r.dense["flops"], "params": r.pruned["params"],
+            "seconds": dict(r.seconds), "method_options": r.method_options,
+            "widths": {str(g["id"]): [g["kept"], g["size"]] for g in r.groups if g["prunable"]},
+            "max_rel_diff": r.equivalence["max_rel_diff"]}
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (method, target): mean and standard deviation over seeds."""
+    groups: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["flops_target"]), []).append(run)
+    rows = []
+    for (method, target), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "dense", kv[0][0])):
+        accs = [r["accuracy"] for r in rs]
+        before = [r["accuracy_before_finetune"] for r in rs if r["accuracy_before_finetune"] is not None]
+        phases: dict[str, list[float]] = {}
+        for r in rs:
+            for phase, s in r["seconds"].items():
+                phases.setdefault(phase, []).append(s)
+        rows.append({
+            "method": method, "flops_target": target, "seeds": len(rs),
+            "accuracy_mean": statistics.fmean(accs), "accuracy_std": _spread(accs),
+            "accuracy_before_finetune_mean": statistics.fmean(before) if before else None,
+            "macs_fraction_mean": statistics.fmean(r["macs_fraction"] for r in rs),
+            "macs_fraction_max": max(r["macs_fraction"] for r in rs),
+            "params_mean": statistics.fmean(r["params"] for r in rs),
+            "seconds_mean": {p: statistics.fmean(v) for p, v in phases.items()},
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = [f"# Methods on {meta['dataset']} ({meta['model']}, {meta['epochs']} + {meta['finetune']} epochs, "
+             f"seeds {meta['seeds']})", "",
+             f"{meta['train_size']} train / {meta['test_size']} test images; torch {meta['torch']} on "
+             f"{meta['machine']}, one thread per run; {meta['date']}. Accuracy: mean ± standard deviation over "
+             "seeds; MACs and parameters are counted on the finalized module; time is wall seconds per phase "
+             "(prepare / train / finalize / fine-tune), mean over seeds.", "",
+             "| method | FLOPs target | accuracy | vs dense | before fine-tune | MACs (% dense, worst seed) | params | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        before = "" if r["accuracy_before_finetune_mean"] is None else f"{r['accuracy_before_finetune_mean']:.4f}"
+        vs = "" if dense is None else f"{100 * (r['accuracy_mean'] - dense['accuracy_mean']):+.2f} pt"
+        secs = " / ".join(f"{v:.0f}" for v in r["seconds_mean"].values())
+        lines.append(f"| {r['method']} | {r['flops_target']:.0%} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | "
+                     f"{vs} | {before} | {r['macs_fraction_mean']:.1%} ({r['macs_fraction_max']:.1%}) | "
+                     f"{r['params_mean']:,.0f} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Accuracy vs achieved MACs, one line per method, error bars one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is not None:
+        ax.axhline(100 * dense["accuracy_mean"], color="black", lw=1, ls="--", label="dense")
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs_fraction_mean"])
+        ax.errorbar([100 * r["macs_fraction_mean"] for r in rs], [100 * r["accuracy_mean"] for r in rs],
+                    yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method)
+    ax.set_xlabel("MACs after pruning (% of dense)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{meta['model']} on {meta['dataset']}, {len(meta['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _meta(cfg: BenchConfig) -> dict[str, Any]:
+    from fxprune.data import digits_loaders
+
+    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset)
+    return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs")}, "seeds": list(cfg.seeds),
+            "train_size": len(data.train.dataset), "test_size": len(data.test.dataset),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(runs)
+    _atomic_write(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
+    _atomic_write(out.with_suffix(".md"), markdown(rows, meta))
+    if any(r["method"] != "dense" for r in rows):
+        plot(rows, meta, out.with_suffix(".png"))
+    return out
+
+
+def bench(cfg: BenchConfig, resume: bool = False, progress: bool = True) -> list[Run]:
+    """Run every (method, target, seed) of ``cfg`` and write the results; returns the runs."""
+    from fxprune.data import DATASETS
+    from fxprune.method import METHODS
+
+    import fxprune.passes.methods  # noqa: F401  (registers the built-in methods)
+
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; available: {list(DATASETS)}")
+    if any(not 0 < f <= 1 for f in cfg.flops) or cfg.jobs < 1:
+        raise ConfigError("flops targets must be fractions in (0, 1] and jobs >= 1")
+    meta = _meta(cfg)
+    done: dict[str, Run] = {}
+    path = Path(cfg.out).with_suffix(".json")
+    if resume and path.exists():
+        done = {_key(r["method"], r["flops_target"], r["seed"]): r for r in json.loads(path.read_text())["runs"]}
+    todo = [job for job in cfg.runs() if _key(*job) not in done]
+    runs = list(done.values())
+    bar = tqdm(total=len(todo), desc="bench", disable=not progress)
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, cfg, *job): job for job in todo}
+        for future in as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            write(runs, cfg, meta)
+            bar.set_postfix_str(f"{run['method']} {run['flops_target']:.0%} seed {run['seed']}: "
+                                f"{run['accuracy']:.3f}")
+            bar.update()
+    bar.close()
+    if not todo:
+        write(runs, cfg, meta)
+    return runs

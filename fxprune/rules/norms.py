@@ -1,0 +1,150 @@
+"""Normalization layers: per-channel statistics and affine parameters on the channel dim.
+
+Batch and instance norms are per channel; a group norm's statistics span a norm group, so a
+whole norm group is one unit (dropping it lowers ``num_groups``); a layer norm over the
+channels changes every channel's statistics and blocks them. ``per_channel`` builds the rule a
+user registers for a custom per-channel layer.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.ir import ChannelMap
+from fxprune.rules.base import Category, OpRule, arg, register_all
+
+if TYPE_CHECKING:
+    from fxprune.analysis import Walk
+
+BATCHNORM_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+
+
+def _bind_all(walk: "Walk", node: fx.Node, xm: ChannelMap, qualnames: Sequence[str]) -> None:
+    for q in qualnames:
+        walk.bind(q, 0, xm.ids, f"norm '{node.name}'")
+
+
+def _module_params(mod: nn.Module, path: str, names: Sequence[str]) -> list[str]:
+    return [f"{path}.{n}" for n in names if getattr(mod, n, None) is not None]
+
+
+def per_channel(params: Sequence[str] = ("weight", "bias"), buffers: Sequence[str] = (),
+                affine: Sequence[str] | None = None, size_attr: str | None = None,
+                name: str = "per-channel layer") -> OpRule:
+    """The rule of a module that acts on each channel (dim 1) separately with vectors of one
+    value per channel: ``params`` and ``buffers`` are sliced with the channels; ``affine`` (default:
+    ``params``) are the ones that scale the output linearly, so a gate after the layer folds into
+    them; ``size_attr`` (e.g. ``"num_features"``) is set to the kept channel count."""
+    fold = tuple(params if affine is None else affine)
+    vectors = tuple(params) + tuple(buffers)
+
+    def propagate(walk: "Walk", node: fx.Node) -> Any:
+        xm = walk.channel_map(node, node.args[0])
+        if xm is not None:
+            _bind_all(walk, node, xm, _module_params(walk.module(node), node.target, vectors))
+        return xm
+
+    def gate_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
+        return [(q, 0) for q in _module_params(gm.get_submodule(node.target), node.target, fold)]
+
+    def resize(mod: nn.Module) -> None:
+        if size_attr is None:
+            return
+        ref = next((getattr(mod, n) for n in vectors if getattr(mod, n, None) is not None), None)
+        if ref is not None:
+            setattr(mod, size_attr, ref.shape[0])
+
+    return OpRule(name, Category.NORM, propagate, gate_params=gate_params if fold else None,
+                  resize=resize, per_channel=True)
+
+
+def _batchnorm_function(walk: "Walk", node: fx.Node) -> Any:
+    xm = walk.channel_map(node, node.args[0])
+    if xm is None:
+        return None
+    stats = list(node.args[1:5]) + [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+    for a in stats:
+        if isinstance(a, fx.Node):
+            if a.op != "get_attr":
+                return walk.opaque(node, "functional norm with computed statistics")
+            walk.bind(a.target, 0, xm.ids, f"norm '{node.name}'")
+    return xm
+
+
+def _groupnorm(walk: "Walk", node: fx.Node) -> Any:
+    xm = walk.channel_map(node, node.args[0])
+    if xm is None:
+        return None
+    if node.op == "call_module":
+        mod = walk.module(node)
+        num_groups = mod.num_groups
+        params = _module_params(mod, node.target, ("weight", "bias"))
+    else:
+        num_groups = arg(node, 1, "num_groups")
+        params = [a.target for a in (arg(node, 2, "weight"), arg(node, 3, "bias")) if isinstance(a, fx.Node)]
+    if not isinstance(num_groups, int):
+        return walk.opaque(node, "group_norm with a computed number of groups")
+    per = len(xm.ids) // num_groups
+    blocks = xm.ids.reshape(num_groups, per)
+    walk.couple(np.repeat(blocks[:, :1], per, axis=1), blocks, f"group_norm '{node.name}'")
+    _bind_all(walk, node, xm, params)
+    return xm
+
+
+def _layernorm(walk: "Walk", node: fx.Node) -> Any:
+    xm = walk.map(node.args[0])
+    shape = walk.meta(node.args[0]).shape
+    if node.op == "call_module":
+        normalized = len(walk.module(node).normalized_shape)
+    else:
+        ns = arg(node, 1, "normalized_shape")
+        normalized = len(ns) if isinstance(ns, (tuple, list)) else 1
+    if set(xm.dims) & set(range(len(shape) - normalized, len(shape))):
+        walk.block(xm, f"layer_norm at '{node.name}' normalizes over the channels (their statistics would change)")
+    return xm
+
+
+def _prelu(walk: "Walk", node: fx.Node) -> Any:
+    xm = walk.channel_map(node, node.args[0])
+    if xm is not None and walk.module(node).num_parameters > 1:
+        walk.bind(f"{node.target}.weight", 0, xm.ids, f"prelu '{node.name}'")
+    return xm
+
+
+def _resize_groupnorm(mod: nn.Module) -> None:
+    if mod.weight is not None:
+        per = mod.num_channels // mod.num_groups
+        mod.num_channels = mod.weight.shape[0]
+        mod.num_groups = mod.num_channels // per
+
+
+def _resize_prelu(mod: nn.Module) -> None:
+    mod.num_parameters = mod.weight.shape[0]
+
+
+def _groupnorm_gate_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
+    if node.op != "call_module":
+        return []
+    return [(q, 0) for q in _module_params(gm.get_submodule(node.target), node.target, ("weight", "bias"))]
+
+
+BATCHNORM = per_channel(params=("weight", "bias"), buffers=("running_mean", "running_var"),
+                        size_attr="num_features", name="batch_norm")
+BATCHNORM_FUNCTION = OpRule("batch_norm (functional)", Category.NORM, _batchnorm_function, per_channel=True)
+GROUPNORM = OpRule("group_norm", Category.NORM, _groupnorm, gate_params=_groupnorm_gate_params,
+                   resize=_resize_groupnorm)
+LAYERNORM = OpRule("layer_norm", Category.NORM, _layernorm)
+PRELU = OpRule("prelu", Category.POINTWISE, _prelu, resize=_resize_prelu, per_channel=True)
+
+register_all(BATCHNORM_MODULES, BATCHNORM)
+register_all((F.batch_norm, F.instance_norm), BATCHNORM_FUNCTION)
+register_all((nn.GroupNorm, F.group_norm), GROUPNORM)
+register_all((nn.LayerNorm, F.layer_norm), LAYERNORM)
+register_all((nn.PReLU,), PRELU)

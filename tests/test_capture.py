@@ -1,0 +1,272 @@
+"""Capture with concrete shapes: models that plain torch.fx rejects trace, analyze and finalize.
+
+The models (tests/realworld_models.py) branch on shapes, unpack ``x.shape``, build Python lists
+from ``chunk``, cache anchors keyed on ``x.shape`` and take ``*args``/``**kwargs``. Each test
+first shows that ``torch.fx.symbolic_trace`` fails on the model (so passing proves something),
+then runs the whole spine with random gates (``prune_and_check``) and a second input.
+Value-dependent control flow must still give an opaque leaf (in a submodule) or a TraceError
+(at the root).
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import fxprune
+import realworld_models as rw
+from test_spine_zoo import RTOL, assert_unchanged, calibrate, prune_and_check, rel_diff, state_snapshot
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def build(cls: type[nn.Module], size: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    return model, x
+
+
+def assert_plain_fx_fails(model: nn.Module) -> None:
+    with pytest.raises(fx.proxy.TraceError):  # symbolic proxies cannot steer control flow or iterate
+        fx.symbolic_trace(model)
+
+
+def spine(model: nn.Module, x: torch.Tensor, gm: fx.GraphModule | None = None) -> dict:
+    """trace -> analyze -> gates -> finalize == gated; the finalized model on a second input."""
+    if gm is None:
+        gm = fxprune.trace(model, (x,))
+        assert gm.meta["fxprune_leaf_modules"] == {}
+    with torch.no_grad():
+        assert rel_diff(gm(x), model(x)) <= 1e-6
+    res = prune_and_check(model, x, gm)
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        assert rel_diff(res["fin"](x2), res["gated"](x2)) <= 10 * RTOL
+    return res
+
+
+# ---- the real-world constructs end to end -------------------------------------------------------------
+def test_detector_with_varargs_chunk_lists_and_anchor_cache():
+    model, x = build(rw.TinyDetector, 64)
+    assert_plain_fx_fails(model)
+    cached = model.head.shape  # filled by the calibration batch of 4
+    gm = fxprune.trace(model, (x,))
+    assert model.head.shape == cached  # the cache ran on the copy only
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]  # *args, **kwargs bound
+    res = spine(model, x)
+    # anchors are rebuilt from the input's shape at run time, as the model's cache would
+    x3 = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert rel_diff(gm(x3), model(x3)) <= 1e-6
+    assert any(g.prunable for g in res["cg"].groups if any("cv1" in s for s in g.spaces))
+
+
+def test_attention_block_keeps_size_reads_as_nodes():
+    model, x = build(rw.AttentionNet, 32)
+    assert_plain_fx_fails(model)
+    gm = fxprune.trace(model, (x,))
+    views = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+    assert views and all(any(isinstance(a, fx.Node) for a in v.args[1:]) for v in views)
+    shapes = [n for n in gm.graph.nodes if n.target is getattr and n.args[1] == "shape"]
+    assert len(shapes) == 1 and all(u.target is operator.getitem for u in shapes[0].users)
+    assert not any(n.target in (operator.mod, operator.ne) for n in gm.graph.nodes)  # the check is specialised
+    x3 = torch.randn(2, 3, 48, 40)  # sizes are read at run time: another shape works
+    with torch.no_grad():
+        assert rel_diff(gm(x3), model(x3)) <= 1e-6
+    res = spine(model, x)
+    with torch.no_grad():
+        assert rel_diff(res["fin"](x3), res["gated"](x3)) <= 10 * RTOL
+
+
+def test_segmentation_with_divisibility_check_and_optional_skips():
+    model, x = build(rw.TinyUNet, 64)
+    assert_plain_fx_fails(model)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 3, 48, 48))
+    res = spine(model, x)
+    assert sum(g.prunable for g in res["cg"].groups) >= 5
+
+
+def test_keyword_only_options_and_split_sizes_from_size():
+    model, x = build(rw.KeywordOnlyNet, 32)
+    assert_plain_fx_fails(model)
+    res = spine(model, x)
+    assert [n.op for n in res["gm"].graph.nodes].count("placeholder") == 1
+
+
+# ---- *args / **kwargs ---------------------------------------------------------------------------------
+def test_extra_example_inputs_bind_to_varargs():
+    model = rw.VarArgsSum().eval()
+    x, r1, r2 = (torch.randn(1, 3, 8, 8) for _ in range(3))
+    gm = fxprune.trace(model, (x, r1, r2))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "rest_0", "rest_1"]
+    with torch.no_grad():
+        assert torch.equal(gm(x, r1, r2), model(x, r1, r2))
+    gm1 = fxprune.trace(model, (x,))
+    assert [n.name for n in gm1.graph.nodes if n.op == "placeholder"] == ["x"]
+    with torch.no_grad():
+        assert torch.equal(gm1(x), model(x))
+
+
+def test_non_tensor_example_inputs_are_specialised():
+    class Scaled(nn.Module):
+        def forward(self, x, factor, mode=None):
+            return x * factor if mode is None else x
+
+    x = torch.randn(1, 3, 4, 4)
+    gm = fxprune.trace(Scaled(), (x, 3))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "factor"]
+    assert torch.equal(gm(x, 3), x * 3) and torch.equal(gm(x), x * 3)  # the value is baked in
+
+
+def test_wrong_number_of_example_inputs_raises_trace_error():
+    with pytest.raises(fxprune.TraceError, match="example inputs"):
+        fxprune.trace(rw.AttentionNet(), (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)))
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(fxprune.TraceError, match="'y'"):
+        fxprune.trace(TwoInputs(), (torch.randn(1, 3, 8, 8),))
+
+
+# ---- value-dependent control flow --------------------------------------------------------------------
+def test_value_dependent_submodules_become_leaves_with_reasons():
+    model, x = build(rw.ShapeAndValueBranches, 16)
+    assert_plain_fx_fails(model)
+    gm = fxprune.trace(model, (x,))
+    leaves = gm.meta["fxprune_leaf_modules"]
+    assert sorted(leaves) == ["clamp", "squeeze"]
+    assert "x.abs().max() > 10" in leaves["clamp"] and "bool()" in leaves["clamp"]
+    assert ".item()" in leaves["squeeze"] and "int()" in leaves["squeeze"]
+    top_level = [n.target for n in gm.graph.nodes if n.op == "call_module" and "." not in n.target]
+    assert top_level == ["clamp", "squeeze", "head"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    cg = fxprune.analyze(gm)
+    assert any(g.prunable for g in cg.groups if "c2_conv" in g.spaces)  # between the two leaves
+    prune_and_check(model, x, gm, cg)
+
+
+def test_value_dependent_root_raises_trace_error_naming_the_line():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.trace(rw.ItemAtRoot(), (torch.randn(1, 3, 8, 8),))
+    msg = str(info.value)
+    assert "ItemAtRoot" in msg and "root" in msg and "control flow" in msg
+    assert "int(x.abs().mean().item() * 3)" in msg
+
+
+# ---- what tracing must not change ------------------------------------------------------------------
+class TrainOnlyShift(nn.Module):
+    def forward(self, x):
+        return x + 1 if self.training else x
+
+
+class TrainModeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = rw.ConvBNAct(3, 8, 3)
+        self.shift = TrainOnlyShift()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.shift(self.block(x)))
+
+
+def test_train_mode_graph_without_moving_batchnorm_statistics():
+    model = TrainModeNet().train()
+    snapshot = state_snapshot(model)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    assert_unchanged(model, snapshot)
+    assert torch.equal(gm.block.bn.running_mean, model.block.bn.running_mean)
+    assert gm.training and any(n.target is operator.add for n in gm.graph.nodes)  # recorded as in train mode
+    eval_gm = fxprune.trace(model.eval(), (x,))
+    assert not any(n.target is operator.add for n in eval_gm.graph.nodes)
+
+
+def test_values_are_recorded_on_every_node():
+    model, x = build(rw.TinyDetector, 64)
+    gm = fxprune.trace(model, (x,))
+    for node in gm.graph.nodes:
+        assert "fxprune_value" in node.meta, node.name
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.meta["fxprune_value"] == fxprune.tracing.TensorMeta((1, 7, 16 * 16 + 8 * 8), torch.float32)
+    sizes = [n.meta["fxprune_value"] for n in gm.graph.nodes if n.target is getattr and n.args[1] == "shape"]
+    assert sizes and all(isinstance(s, torch.Size) for s in sizes)
+
+
+def test_traced_module_survives_save_and_load(tmp_path):
+    model, x = build(rw.AttentionNet, 32)
+    gm = fxprune.trace(model, (x,))
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+
+
+def test_lazy_modules_are_materialised_on_the_copy():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    assert gm.get_submodule("0").weight.shape == (8, 3, 3, 3)
+    assert isinstance(model[0], nn.LazyConv2d)
+    with torch.no_grad():
+        assert gm(x).shape == (1, 4, 6, 6)
+
+
+class SwallowsErrors(nn.Module):
+    """A model's own ``except Exception`` must not hide value-dependent control flow."""
+
+    def forward(self, x):
+        try:
+            if x.max() > 1:
+                x = x / x.max()
+        except Exception:
+            pass
+        return x
+
+
+def test_model_try_except_cannot_swallow_value_dependent_control_flow():
+    with pytest.raises(fxprune.TraceError, match="x.max\\(\\) > 1"):
+        fxprune.trace(SwallowsErrors(), (torch.randn(1, 3, 4, 4),))
+
+
+class OuterFailsLate(nn.Module):
+    """Traces through an inner leaf, then fails itself: only the outer module stays a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = rw.ClampIfLarge()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(self.inner(x))
+        return y * 2 if y.mean() > 0 else y
+
+
+def test_leaf_inside_a_failing_module_is_rolled_back():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), OuterFailsLate(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    assert list(gm.meta["fxprune_leaf_modules"]) == ["1"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_head_with_list_cache_and_slice_assignment_stays_a_clean_leaf():
+    model, x = build(rw.GridDetector, 32)
+    model.detect.grid = [torch.empty(0), torch.empty(0)]  # stale: the traced forward refills it
+    gm = fxprune.trace(model, (x,))
+    leaves = gm.meta["fxprune_leaf_modules"]
+    assert list(leaves) == ["detect"] and "item assignment" in leaves["detect"]
+    assert [type(g) for g in gm.detect.grid] == [torch.Tensor, torch.Tensor]  # no proxy kept
+    res = spine(model, x, gm)
+    assert any(g.prunable for g in res["cg"].groups if "stem_conv" in g.spaces)

@@ -1,0 +1,288 @@
+"""Op rules (one owner per op kind), ``register_op``, and the soundness fixes of spine v2:
+sizes read from channel dims, spatial splits, shuffles under many gate patterns, parametrized
+weights, NaN and crashing finalized models in the equivalence check."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fxprune
+from fxprune.rules.base import REGISTRY
+from fxprune.passes import finalize, insert_gates
+from fxprune.passes.verify import check_equivalence
+from test_spine_zoo import analyzed, calibrate, group_of, prune_and_check, set_random_gates
+
+
+# ---- register_op: a custom per-channel normalization layer ----------------------------------------
+class FRN(nn.Module):
+    """Filter response normalization with a thresholded linear unit: per channel, but built from
+    ops (pow, rsqrt, maximum with a parameter) that the analysis does not follow on its own."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.beta = nn.Parameter(torch.linspace(-0.3, 0.3, c))
+        self.tau = nn.Parameter(torch.full((c,), -0.2))
+        self.num_channels, self.eps = c, eps
+
+    def forward(self, x):
+        nu2 = x.pow(2).mean(dim=(2, 3), keepdim=True)
+        y = self.gamma.view(1, -1, 1, 1) * x * torch.rsqrt(nu2 + self.eps) + self.beta.view(1, -1, 1, 1)
+        return torch.maximum(y, self.tau.view(1, -1, 1, 1))
+
+
+class WithFRN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = FRN(8)
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.norm(self.conv(x)))))
+
+
+@pytest.fixture
+def frn_registered():
+    fxprune.register_op(FRN, fxprune.rules.per_channel(params=("gamma", "beta", "tau"), affine=(),
+                                                       size_attr="num_channels", name="frn"))
+    yield
+    del REGISTRY.modules[FRN]
+
+
+def test_unregistered_custom_layer_blocks_its_channels_and_names_register_op():
+    _, _, gm, cg = analyzed(WithFRN())
+    g = group_of(cg, "conv")
+    assert not g.prunable and "register_op" in g.reason
+
+
+def test_registered_custom_layer_is_a_leaf_prunable_and_finalizes_exactly(frn_registered):
+    model, x, gm, cg = analyzed(WithFRN())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "norm", "mid", "head"]
+    g = group_of(cg, "conv")
+    assert g.prunable, g.reason
+    owned = {(s.module_path, s.param) for s in g.slices}
+    assert {("norm", "gamma"), ("norm", "beta"), ("norm", "tau")} <= owned
+    for seed in range(3):
+        res = prune_and_check(model, x, gm, cg, seed=seed)
+        norm = res["fin"].get_submodule("norm")
+        assert norm.num_channels == norm.gamma.numel() == res["report"].kept[g.id] < 8
+
+
+def test_register_op_refuses_a_second_rule_without_replace(frn_registered):
+    with pytest.raises(fxprune.ConfigError, match="replace=True"):
+        fxprune.register_op(FRN, fxprune.rules.elementwise())
+    with pytest.raises(fxprune.ConfigError, match="OpRule"):
+        fxprune.register_op(FRN, "per_channel")
+
+
+def test_one_rule_serves_analysis_and_finalize():
+    """The rule a node resolves to is the one finalize uses to fold and resize: BatchNorm's rule
+    lists its affine params (gate anchor) and resizes num_features."""
+    from fxprune.rules import Category, rule_for
+
+    bn_net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    _, _, gm, cg = analyzed(bn_net)
+    modules = dict(gm.named_modules())
+    node = next(n for n in gm.graph.nodes if n.target == "1")
+    rule = rule_for(node, modules)
+    assert rule.category is Category.NORM and rule.gate_params(gm, node) == [("1.weight", 0), ("1.bias", 0)]
+    gated, gates = insert_gates(gm, cg)
+    gate_node = next(n for n in gated.graph.nodes if str(n.target).startswith("fxprune_gates"))
+    assert gate_node.args[0].target == "1"  # the gate sits after the BN, whose params it folds into
+    set_random_gates(gates)
+    fin = finalize(gated, cg)
+    assert fin.get_submodule("1").num_features == fin.get_submodule("1").weight.numel() < 8
+
+
+# ---- sizes read from channel dims (bug A) -----------------------------------------------------------
+class ViewAfterMatmul(nn.Module):
+    """``C`` read from x (a prunable group) reshapes ``v @ attn``: v's channels are behind an opaque
+    matmul and stay whole, so the view must keep the dense C while x shrinks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.q, self.k, self.v = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 8, 1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        B, C, H, W = x.shape
+        attn = torch.softmax(self.q(x).view(B, -1, H * W).transpose(1, 2) @ self.k(x).view(B, -1, H * W), -1)
+        y = (self.v(x).view(B, -1, H * W) @ attn.transpose(1, 2)).view(B, C, H, W)
+        return self.head(torch.relu(self.proj(y)) * x.size(1) / 8)
+
+
+def test_size_read_from_a_pruned_group_never_reshapes_another_tensor():
+    model, x, gm, cg = analyzed(ViewAfterMatmul(), (1, 3, 6, 6))
+    stem = group_of(cg, "stem")
+    assert stem.prunable, stem.reason
+    assert not group_of(cg, "v").prunable  # behind the matmul
+    assert cg.channel_sizes and cg.size_uses
+    for seed in range(4):
+        res = prune_and_check(model, x, gm, cg, seed=seed)
+        assert res["report"].kept[stem.id] < 8
+        x3 = torch.randn(3, 3, 6, 6)  # the batch size is still read at run time
+        with torch.no_grad():
+            assert torch.allclose(res["fin"](x3), res["gated"](x3), rtol=1e-4, atol=1e-5)
+
+
+class FlattenBySize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 36, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), y.size(1) * y.size(2) * y.size(3)))
+
+
+def test_flatten_with_sizes_read_at_run_time_keeps_a_dynamic_batch():
+    model, x, gm, cg = analyzed(FlattenBySize())
+    res = prune_and_check(model, x, gm, cg)
+    with torch.no_grad():
+        x4 = torch.randn(4, 3, 8, 8)
+        assert torch.allclose(res["fin"](x4), res["gated"](x4), rtol=1e-4, atol=1e-5)
+
+
+# ---- spatial split (bug B) --------------------------------------------------------------------------
+class SpatialSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        top, bottom = torch.split(y, [3, 5], dim=2)
+        return self.head(torch.cat([self.a(top), self.b(bottom)], dim=2))
+
+
+def test_split_along_a_spatial_dim_keeps_its_literal_sizes():
+    model, x, gm, cg = analyzed(SpatialSplit())
+    assert group_of(cg, "conv").prunable
+    res = prune_and_check(model, x, gm, cg)
+    split = next(n for n in res["fin"].graph.nodes if n.target is torch.split)
+    assert list(split.args[1]) == [3, 5] and split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0) == 2
+
+
+# ---- channel shuffle under many gate patterns (bug C) -------------------------------------------------
+@pytest.mark.parametrize("seed", range(3))
+def test_shufflenet_224_random_gate_patterns(seed):
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x1_0(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    gm = fxprune.trace(model, (x,))
+    prune_and_check(model, x, gm, fxprune.analyze(gm), seed=seed)
+
+
+# ---- parametrized weights --------------------------------------------------------------------------
+class WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1))
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(torch.relu(self.wn(torch.relu(self.conv(x)))))))
+
+
+def test_parametrized_conv_blocks_its_channels_with_a_reason():
+    model, x, gm, cg = analyzed(WeightNormed())
+    g = group_of(cg, "conv")
+    assert not g.prunable and "parametrization" in g.reason
+    assert group_of(cg, "mid").prunable
+    prune_and_check(model, x, gm, cg)
+
+
+# ---- the equivalence check ---------------------------------------------------------------------------
+def _pruned_pair():
+    model, x, gm, cg = analyzed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    gated, gates = insert_gates(gm, cg)
+    set_random_gates(gates)
+    return gated, finalize(gated, cg), x
+
+
+def test_nan_in_the_candidate_is_a_mismatch():
+    gated, fin, x = _pruned_pair()
+    broken = copy.deepcopy(fin)
+    with torch.no_grad():
+        broken.get_submodule("3").bias[0] = float("nan")
+    with pytest.raises(fxprune.EquivalenceError):
+        check_equivalence(gated, broken, (x,))
+
+
+def test_nan_in_the_gated_module_is_reported_as_such():
+    gated, fin, x = _pruned_pair()
+    with torch.no_grad():
+        gated.get_submodule("3").bias[0] = float("inf")
+    with pytest.raises(fxprune.EquivalenceError, match="gated module itself outputs NaN or Inf"):
+        check_equivalence(gated, fin, (x,))
+
+
+def test_a_finalized_module_that_crashes_is_an_equivalence_error_naming_the_node():
+    gated, fin, x = _pruned_pair()
+    broken = copy.deepcopy(fin)
+    conv = broken.get_submodule("3")
+    conv.weight = nn.Parameter(torch.zeros(4, conv.weight.shape[1] + 1, 1, 1))
+    with pytest.raises(fxprune.EquivalenceError, match="fails at node '_3'") as info:
+        check_equivalence(gated, broken, (x,))
+    assert info.value.node == "_3"
+
+
+def test_finalized_model_shares_nothing_with_the_gated_one():
+    gated, fin, _ = _pruned_pair()
+    ours = {id(t) for t in list(fin.parameters()) + list(fin.buffers())}
+    assert not ours & {id(t) for t in list(gated.parameters()) + list(gated.buffers())}
+
+
+# ---- one removed channel, two consumers (the cause of timm repvgg_a2's crash) -------------------------
+class TwoConsumers(nn.Module):
+    """RepVGG-style: the same input feeds a padded 3x3 conv (cannot absorb a constant into its
+    bias exactly: the zero padding breaks it) and a 1x1 conv (can). A removed channel carrying a
+    BN constant must then stay for both, and neither bias may absorb it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.k3 = nn.Conv2d(8, 6, 3, padding=1)
+        self.k1 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) + 1.0  # removed channels carry the constant 1 + BN shift
+        return self.head(torch.relu(self.k1(y) + self.k3(y)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_constant_one_consumer_cannot_absorb_stays_for_all_consumers(seed):
+    model, x, gm, cg = analyzed(TwoConsumers())
+    with torch.no_grad():
+        model.bn.bias.uniform_(-1, 1)
+    gm = fxprune.trace(model, (x,))
+    cg = fxprune.analyze(gm)
+    res = prune_and_check(model, x, gm, cg, seed=seed)
+    assert res["report"].retained  # the padded 3x3 conv kept the constant channels
+
+
+def test_timm_repvgg_a2_finalizes():
+    timm = pytest.importorskip("timm", reason="timm is a dev dependency: pip install -e '.[dev]'")
+    torch.manual_seed(0)
+    model = timm.create_model("repvgg_a2", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    gm = fxprune.trace(model, (x,))
+    prune_and_check(model, x, gm, fxprune.analyze(gm))
