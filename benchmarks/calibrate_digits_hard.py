@@ -3,8 +3,8 @@
 The issue's target for the default ``fxprune.data.HardDigits``: dense ResNet-20 (12 epochs,
 lr 0.05, SGD/cosine, batch 64, data seed 0) between 90% and 96% test accuracy, and ``l1`` at
 25% FLOPs (8 epochs, prune, 4 fine-tune epochs) at least 3 points below dense, both as means
-over weight-init seeds 0, 1, 2. Each run is the same as in ``benchmarks/methods.py`` (same
-functions), on ``digits_loaders(image_size=32, seed=0, variant="digits-hard", hard=...)``.
+over weight-init seeds 0, 1, 2. Each run is ``fxprune.flow.bench.run_one``, the run of
+``benchmarks/methods.py`` (``fxprune bench``), with ``dataset="digits-hard"`` and the bench defaults.
 
     python benchmarks/calibrate_digits_hard.py                          # defaults: dense + l1@25%, seeds 0 1 2
     python benchmarks/calibrate_digits_hard.py --methods dense --seeds 0 --set noise_std=0.3
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from fxprune.data import HardDigits, digits_loaders
-from methods import run_dense, run_method
+from fxprune.flow.bench import BenchConfig, run_one
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEM = "digits_hard_calibration"
@@ -59,11 +59,12 @@ def run_key(run: dict[str, Any]) -> tuple[str, str, float, int]:
 
 def run_meta() -> dict[str, Any]:
     """The standard run's settings and this machine; sizes are those of the default recipe."""
-    default = digits_loaders(image_size=32, seed=0, variant="digits-hard")
-    return {"model": "resnet20", "epochs": 12, "prune_epochs": 8, "finetune_epochs": 4, "lr": 0.05,
-            "batch_size": 64, "data_seed": 0, "train_size": len(default.train.dataset),
-            "test_size": len(default.test.dataset), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+    default = digits_loaders(variant="digits-hard")
+    cfg = BenchConfig()
+    return {"model": cfg.model, "epochs": cfg.epochs + cfg.finetune, "prune_epochs": cfg.epochs,
+            "finetune_epochs": cfg.finetune, "lr": cfg.lr, "batch_size": cfg.batch_size, "data_seed": 0,
+            "train_size": len(default.train.dataset), "test_size": len(default.test.dataset),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -102,22 +103,29 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"image is {100 / meta['test_size']:.2f} points. torch {meta['torch']}, {meta['threads']} thread, "
              f"last run {meta['date']}.", "",
              f"Default recipe (`HardDigits()`): `{json.dumps(default)}`", "",
-             "| recipe (fields changed from the default) | method | seeds | accuracy per seed | mean ± std | drop vs dense |",
+             "| recipe (fields changed from the default) | method | seeds | accuracy per seed | mean ± std "
+             "| drop vs dense |",
              "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["hard"] != default, json.dumps(r["hard"], sort_keys=True), r["method"] != "dense")):
+    for r in sorted(rows, key=lambda r: (r["hard"] != default, json.dumps(r["hard"]), r["method"] != "dense")):
         changed = {k: v for k, v in r["hard"].items() if v != default[k]}
-        recipe = "**default**" if not changed else ", ".join(f"{k}={v}" for k, v in changed.items())
+        label = "**default**" if not changed else ", ".join(f"{k}={v}" for k, v in changed.items())
         method = r["method"] if r["method"] == "dense" else f"{r['method']} @ {r['flops_target']:.0%}"
         std = "" if r["std"] is None else f" ± {r['std']:.4f}"
         drop = "" if r["drop_pt"] is None else f"{r['drop_pt']:.2f} pt"
-        lines.append(f"| {recipe} | {method} | {', '.join(map(str, r['seeds']))} | "
+        lines.append(f"| {label} | {method} | {', '.join(map(str, r['seeds']))} | "
                      f"{', '.join(f'{a:.4f}' for a in r['accuracies'])} | {r['mean']:.4f}{std} | {drop} |")
+    dense = next((r for r in rows if r["hard"] == default and r["method"] == "dense"), None)
+    l1 = next((r for r in rows if r["hard"] == default and r["method"] == "l1" and r["flops_target"] == 0.25), None)
+    if dense is not None and l1 is not None:
+        met = DENSE_BAND[0] <= dense["mean"] <= DENSE_BAND[1] and l1["drop_pt"] >= 100 * MIN_DROP
+        lines += ["", f"Default recipe: dense {dense['mean']:.2%}, l1 at 25% FLOPs {l1['mean']:.2%}, "
+                      f"{l1['drop_pt']:.2f} points lower: target {'met' if met else 'NOT met'}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["dense", "l1"], choices=["dense", "l1", "gdp"])
+    p.add_argument("--methods", nargs="+", default=["dense", "l1"], help="dense and/or registered methods")
     p.add_argument("--flops", type=float, default=0.25, help="budget for the pruning methods")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -126,15 +134,14 @@ def main() -> None:
     torch.set_num_threads(1)
     hard = HardDigits(**dict(parse_override(o) for o in args.overrides))
     path = RESULTS / f"{STEM}.json"
+    cfg = BenchConfig(dataset="digits-hard", seeds=tuple(args.seeds), data_options={"hard": hard})
+    train_size = len(digits_loaders(variant="digits-hard", hard=hard).train.dataset)
     for method in args.methods:
         for seed in args.seeds:
-            data = digits_loaders(image_size=32, seed=0, variant="digits-hard", hard=hard)
-            if method == "dense":
-                run = run_dense(data, "resnet20", 12, seed, 0.05)
-            else:
-                run = run_method(data, "resnet20", method, args.flops, 8, 4, seed, 0.05)
-            run.update(seed=seed, hard=recipe_record(hard), train_size=len(data.train.dataset))
-            print(f"{method} seed {seed}: accuracy {run['accuracy']:.4f} ({run['seconds']:.0f} s)", flush=True)
+            run = run_one(cfg, method, 1.0 if method == "dense" else args.flops, seed)
+            run.update(hard=recipe_record(hard), train_size=train_size)
+            print(f"{method} seed {seed}: accuracy {run['accuracy']:.4f} ({sum(run['seconds'].values()):.0f} s)",
+                  flush=True)
             RESULTS.mkdir(exist_ok=True)
             with open(LOCK, "w") as lock:  # calibration runs in parallel processes share the files
                 fcntl.flock(lock, fcntl.LOCK_EX)

@@ -167,10 +167,11 @@ class UnitTable:
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised locate: (group ids, unit indices), -1 where ``ids`` is -1."""
         ids = np.asarray(ids)
-        safe = np.where(ids >= 0, ids, 0)
-        g = np.where(ids >= 0, self.group_of[safe], -1)
-        u = np.where(ids >= 0, self.unit_of[safe], -1)
-        return g, u
+        tracked = ids >= 0
+        if tracked.all():  # the common case, without the masking
+            return self.group_of[ids], self.unit_of[ids]
+        safe = np.where(tracked, ids, 0)
+        return np.where(tracked, self.group_of[safe], -1), np.where(tracked, self.unit_of[safe], -1)
 
 
 @dataclass

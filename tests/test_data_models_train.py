@@ -163,7 +163,8 @@ def test_identity_recipe_reduces_to_digits_and_train_test_stay_disjoint() -> Non
                     same.train.dataset.tensors + same.test.dataset.tensors):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # With half the training images, every kept image is a distinct digits train image, never a test image.
-    half = digits_loaders(image_size=8, channels=1, variant="digits-hard", hard=HardDigits(**_IDENTITY, train_fraction=0.5))
+    half = digits_loaders(image_size=8, channels=1, variant="digits-hard",
+                          hard=HardDigits(**_IDENTITY, train_fraction=0.5))
     pool = _standardized_rows(torch.cat([plain.train.dataset.tensors[0], plain.test.dataset.tensors[0]]))
     nearest = torch.cdist(_standardized_rows(half.train.dataset.tensors[0]), pool).min(dim=1)
     assert nearest.values.max() < 1e-4

@@ -3,6 +3,7 @@ and the growing-regularization methods (greg1, greg2, tpp) on it."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -296,3 +297,48 @@ def test_tpp_gram_term_pushes_pruned_filters_and_zeroes_them_at_stabilize():
         w = ctx.module.get_parameter(r.qualname).detach().movedim(r.dim, 0)
         kept_norm = w[~pruned].abs().mean() if (~pruned).any() else torch.tensor(1.0)
         assert w[pruned].abs().mean() <= 0.05 * kept_norm  # zeroed, then only a few small steps
+
+
+# ---- GDP: a block-internal group may die, a stream may not ---------------------------------------------
+def test_bypassed_groups_are_block_internal_ones():
+    gm = fxprune.trace(build_model("resnet20").eval(), (torch.randn(1, 3, 16, 16),))
+    cg = fxprune.analyze(gm)
+    from fxprune.analysis import bypassed_groups
+
+    bypassed = bypassed_groups(gm, cg)
+    for g in cg.prunable_groups:
+        internal = all(space.endswith("conv1") for space in g.spaces)  # BasicBlock's first conv only
+        assert (g.id in bypassed) == internal, (g.spaces, g.id in bypassed)
+
+
+def test_gdp_removes_a_whole_block_and_its_cost_counts_it():
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.randn(1, 3, 16, 16)
+    prepared = fxprune.prepare(model, "gdp", fxprune.Budget(flops=0.95), (x,), total_steps=10)
+    m, cg = prepared.method, prepared.channel_graph
+    internal = next(gid for gid in sorted(m.bypassed))
+    with torch.no_grad():
+        m.zero_units(m.gates[internal], torch.ones(cg.group(internal).size, dtype=torch.bool))
+    decision = m.decide(prepared.ctx)
+    assert not decision.keep[internal].any()
+    pruned = fxprune.finalize(prepared)
+    assert prepared.finalize_report.removed_branches and prepared.finalize_report.kept[internal] == 0
+    assert 2 * prepared.cost.macs(prepared.finalize_report.keep) == _flops(pruned.eval(), x)
+
+
+# ---- the benchmark harness -----------------------------------------------------------------------------
+def test_bench_writes_json_markdown_and_plot(tmp_path):
+    from fxprune.flow.bench import BenchConfig, bench
+
+    cfg = BenchConfig(methods=("l1", "gdp:warmup=0.5"), dataset="digits", flops=(0.5,), seeds=(0,), epochs=1,
+                      finetune=0, out=str(tmp_path / "m"))
+    runs = bench(cfg, progress=False)
+    assert sorted(r["method"] for r in runs) == ["dense", "gdp:warmup=0.5", "l1"]
+    assert all(r["macs_fraction"] <= 0.5 for r in runs if r["method"] != "dense")
+    gdp = next(r for r in runs if r["method"].startswith("gdp"))
+    assert gdp["method_options"]["warmup"] == 0.5 and set(gdp["seconds"]) >= {"prepare", "train", "finalize"}
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert len(saved["runs"]) == 3 and {r["method"] for r in saved["rows"]} == {"dense", "l1", "gdp:warmup=0.5"}
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| l1 | 50% |" in (tmp_path / "m.md").read_text()
+    assert bench(cfg, resume=True, progress=False) and json.loads((tmp_path / "m.json").read_text())["runs"] == saved["runs"]

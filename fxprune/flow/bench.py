@@ -47,6 +47,7 @@ class BenchConfig:
     jobs: int = 1
     out: str = "benchmarks/results/methods"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)  # more digits_loaders arguments (hard=...)
 
     def runs(self) -> list[tuple[str, float, int]]:
         dense = [("dense", 1.0, s) for s in self.seeds]
@@ -57,6 +58,22 @@ def _key(method: str, flops: float, seed: int) -> str:
     return f"{method}/{flops:g}/{seed}"
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"gdp"`` or ``"gdp:penalty=uniform;warmup=0.5"``: a registered name and option overrides
+    (values read as JSON where they parse, else as strings). The spec is the run's label."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"method spec {spec!r}: expected key=value after ':', got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
 def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
     """One training run (in a worker process)."""
     import fxprune
@@ -65,7 +82,7 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
     from fxprune.train import evaluate, train
 
     torch.set_num_threads(1)
-    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset)  # same split and order
+    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, **cfg.data_options)  # same split, order
     torch.manual_seed(seed)
     model = build_model(cfg.model, num_classes=data.num_classes)
     x = data.example_inputs()
@@ -78,9 +95,11 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
                 "accuracy_gated": None, "macs": dense_macs, "macs_fraction": 1.0,
                 "params": sum(p.numel() for p in model.parameters()), "seconds": {"train": time.perf_counter() - t},
                 "widths": {}, "method_options": {}}
-    result = fxprune.compile(model, method, fxprune.Budget(flops=flops), x, train_loader=data.train,
+    name, options = parse_method(method)
+    options = {**cfg.method_options.get(name, {}), **options}
+    result = fxprune.compile(model, name, fxprune.Budget(flops=flops), x, train_loader=data.train,
                              eval_loader=data.test, epochs=cfg.epochs, finetune_epochs=cfg.finetune, lr=cfg.lr,
-                             progress=False, method_options=cfg.method_options.get(method))
+                             progress=False, method_options=options)
     r = result.report
     acc = r.accuracy
     return {**run, "accuracy": acc.get("finetuned", acc["pruned"]), "accuracy_before_finetune": acc["pruned"],
@@ -176,8 +195,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
     from fxprune.data import digits_loaders
 
-    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset)
-    return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs")}, "seeds": list(cfg.seeds),
+    data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, **cfg.data_options)
+    return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs", "data_options")}, "seeds": list(cfg.seeds),
             "train_size": len(data.train.dataset), "test_size": len(data.test.dataset),
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
@@ -202,7 +221,7 @@ def bench(cfg: BenchConfig, resume: bool = False, progress: bool = True) -> list
 
     import fxprune.passes.methods  # noqa: F401  (registers the built-in methods)
 
-    unknown = sorted(set(cfg.methods) - set(METHODS))
+    unknown = sorted({parse_method(m)[0] for m in cfg.methods} - set(METHODS))
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
     if cfg.dataset not in DATASETS:

@@ -20,7 +20,8 @@ Choices that are this library's [A], because the paper leaves them open:
   the paper, a group may lose every unit when some input-to-output path bypasses it (a residual
   block's internal channels: ``fxprune.analysis.bypassed_groups``); finalize then replaces the
   dead branch by its constant. A group that every path crosses (a residual stream, a plain
-  chain) keeps at least one unit, since zeroing it would silence the network;
+  chain) keeps at least one unit, since zeroing it would silence the network
+  (``block_removal=False``: every group keeps a unit, as fxprune's GDP did before);
 - ``penalty``: ``"flops"`` (default, the paper's bilinear FLOPs) or ``"uniform"`` (the mean
   gate value: every unit pushed alike, the FLOPs budget enforced only by the snapping order).
   The FLOPs penalty pushes each unit in proportion to its share of the FLOPs, 18x harder on
@@ -80,6 +81,7 @@ class GDPOptions:
     warmup: float = 0.25
     min_keep: float = 0.0
     penalty: str = "flops"
+    block_removal: bool = True
 
 
 @register_method
@@ -101,7 +103,7 @@ class GDP(GateMethod):
 
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
-        self.bypassed = bypassed_groups(ctx.traced, ctx.graph)
+        self.bypassed = bypassed_groups(ctx.traced, ctx.graph) if self.options.block_removal else set()
 
     def make_gate(self, group) -> Gate:
         return GDPGate(group.size, group.id, self.options.eps_start, self.options.init)
