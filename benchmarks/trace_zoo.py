@@ -6,7 +6,7 @@ eval mode), trace it on one example input and record: traced or the TraceError, 
 many channel groups the analysis finds prunable. Detection models take a list of images.
 
     python benchmarks/trace_zoo.py                    # every model (a few minutes on 2 cores)
-    python benchmarks/trace_zoo.py --models resnet18,fasterrcnn_resnet50_fpn
+    python benchmarks/trace_zoo.py --models resnet18,fasterrcnn_resnet50_fpn   # update these rows
 
 Results: benchmarks/results/trace_zoo.{json,md}, rewritten atomically after every model.
 """
@@ -99,14 +99,18 @@ def main() -> None:
         jobs = [(n, f) for n, f in jobs if n in wanted]
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "torchvision": torchvision.__version__}
+    path = RESULTS / "trace_zoo.json"
+    kept = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if args.models and path.exists() else {}
     rows = []
     for i, (name, family) in enumerate(jobs, 1):
+        kept.pop(name, None)
         rows.append(scan(name, family))
         print(f"[{i}/{len(jobs)}] {name}: {'traced' if rows[-1].get('traced') else 'TraceError'}"
               f"{', leaves ' + ', '.join(rows[-1]['leaves']) if rows[-1].get('leaves') else ''}", flush=True)
         RESULTS.mkdir(exist_ok=True)
-        _write(RESULTS / "trace_zoo.json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-        _write(RESULTS / "trace_zoo.md", markdown(rows, meta))
+        everything = list(kept.values()) + rows  # --models updates those rows of an earlier run
+        _write(path, json.dumps({"meta": meta, "rows": everything}, indent=1, default=str))
+        _write(RESULTS / "trace_zoo.md", markdown(everything, meta))
 
 
 if __name__ == "__main__":

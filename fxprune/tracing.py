@@ -414,10 +414,18 @@ class ConcreteTracer(fx.Tracer):
     def trace(self, root: torch.nn.Module, concrete_args: None = None) -> fx.Graph:  # type: ignore[override]
         """Trace ``root`` on the example inputs (they replace fx's ``concrete_args``)."""
         self._state = _ModuleState(root)
+        constants: dict[str, Any] = {}
         try:
             graph = super().trace(root)
+            # fx stores tensor constants it meets (``_tensor_constant0``) on the root; keep them
+            # across the restore below, which would drop them with the forwards' caches.
+            constants = {n.target: _fetch(root, n.target) for n in graph.nodes
+                         if n.op == "get_attr" and "." not in n.target}
         finally:
             self._state.restore(root)  # drop what forwards cached (proxies, values) on the copy
+        for name, value in constants.items():
+            if not hasattr(root, name):
+                setattr(root, name, value)
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         for node in reversed(graph.nodes):  # shape arithmetic that only steered control flow
             if node in self.shape_nodes and not node.users:

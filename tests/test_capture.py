@@ -270,3 +270,27 @@ def test_head_with_list_cache_and_slice_assignment_stays_a_clean_leaf():
     assert [type(g) for g in gm.detect.grid] == [torch.Tensor, torch.Tensor]  # no proxy kept
     res = spine(model, x, gm)
     assert any(g.prunable for g in res["cg"].groups if "stem_conv" in g.spaces)
+
+
+class TensorConstant(nn.Module):
+    """A tensor made inside forward (not a parameter or buffer) becomes fx's ``_tensor_constant0``
+    on the root; torchvision's maxvit_t does this."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        bias = torch.arange(4.0).view(1, 4, 1, 1)
+        return self.head(torch.relu(y + bias))
+
+
+def test_tensor_constants_made_in_forward_survive_tracing():
+    model = TensorConstant().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
