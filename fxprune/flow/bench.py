@@ -159,6 +159,24 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def widths(runs: list[Run]) -> str:
+    """Kept units per group (mean over seeds, as a fraction of the group): where each method pruned."""
+    cells: dict[tuple[str, float], dict[str, list[float]]] = {}
+    for r in runs:
+        for gid, (kept, size) in r.get("widths", {}).items():
+            cells.setdefault((r["method"], r["flops_target"]), {}).setdefault(gid, []).append(kept / size)
+    if not cells:
+        return ""
+    gids = sorted({g for c in cells.values() for g in c}, key=int)
+    lines = ["", "## Kept width per prunable group (fraction of its units, mean over seeds)", "",
+             "| method | FLOPs target | " + " | ".join(f"g{g}" for g in gids) + " |",
+             "|---|---|" + "---|" * len(gids)]
+    for (method, target), c in sorted(cells.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        lines.append(f"| {method} | {target:.0%} | " + " | ".join(
+            f"{statistics.fmean(c[g]):.2f}" if g in c else "" for g in gids) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     """Accuracy vs achieved MACs, one line per method, error bars one standard deviation."""
     import matplotlib
@@ -208,7 +226,7 @@ def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs)
     _atomic_write(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
-    _atomic_write(out.with_suffix(".md"), markdown(rows, meta))
+    _atomic_write(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
     if any(r["method"] != "dense" for r in rows):
         plot(rows, meta, out.with_suffix(".png"))
     return out
