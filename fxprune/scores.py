@@ -132,7 +132,10 @@ def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
 
     def make_hook(key: tuple[int, int], dim: int):
         def hook(_mod, _inp, out):
-            out.register_hook(lambda grad: grads.__setitem__(key, grads.get(key, 0) + (out * grad).detach().movedim(dim, 0).reshape(out.shape[dim], -1).sum(1)))
+            def accumulate(grad: torch.Tensor) -> None:  # sum of activation x gradient per channel
+                contribution = (out * grad).detach().movedim(dim, 0).reshape(out.shape[dim], -1).sum(1)
+                grads[key] = grads.get(key, 0) + contribution
+            out.register_hook(accumulate)
         return hook
 
     for k, (gid, site, target) in enumerate(sites):

@@ -4,7 +4,7 @@ A rule says how an op moves channels (``propagate``, read by the analysis) and w
 must do to it once channels are gone (``gate_params``, ``resize``, ``rewrite``). Analysis and
 finalize read the same record, so teaching fxprune a layer is one ``register_op`` call::
 
-    >>> import torch.nn as nn, fxprune
+    >>> import torch, torch.nn as nn, fxprune
     >>> class Scale(nn.Module):             # y = x * s, one s per channel
     ...     def __init__(self, c):
     ...         super().__init__()
