@@ -124,12 +124,14 @@ def _taps(gated: fx.GraphModule, gm: fx.GraphModule, cg: ChannelGraph, keep: dic
     the removed input channels of every consumer that loses some."""
     rename = _gated_name(gated)
     gated_nodes = {n.name: n for n in gated.graph.nodes}
+    folded_nodes = {n.name: n for n in gm.graph.nodes}
     taps: dict[str, Tap] = {rename.get(end.name, end.name): None for end, _ in plans}
     for layer in _absorb_layers(gm, cg, keep):
-        x = gated_nodes[layer.node].args[0]
-        dim = _input_dim(layer, len(x.meta["fxprune_value"].shape) if "fxprune_value" in x.meta else 4)
+        # The input's rank from the folded graph: in the gated one it may be a gate node, which
+        # records no value of its own.
+        ndim = len(folded_nodes[layer.node].args[0].meta["fxprune_value"].shape)
         removed = np.nonzero(~cg.kept_positions(layer.in_ids, keep))[0].tolist()
-        taps[x.name] = (dim, removed)
+        taps[gated_nodes[layer.node].args[0].name] = (_input_dim(layer, ndim), removed)
     return taps
 
 

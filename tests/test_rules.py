@@ -286,3 +286,11 @@ def test_timm_repvgg_a2_finalizes():
     calibrate(model, x)
     gm = fxprune.trace(model, (x,))
     prune_and_check(model, x, gm, fxprune.analyze(gm))
+
+
+def test_a_consumer_reading_a_gate_directly_finalizes():
+    """Linear -> Linear with no op between: the consumer's input in the gated graph is the gate
+    itself (a 2-D tensor), so the recorded removed channels are taken along its last dim."""
+    model, x, gm, cg = analyzed(nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4), nn.Linear(4, 3)), (2, 8))
+    for seed in range(3):
+        prune_and_check(model, x, gm, cg, seed=seed)
