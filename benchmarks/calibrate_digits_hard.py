@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import fcntl
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from fxprune.data import HardDigits, digits_loaders
+from fxprune.files import write_atomic
 from fxprune.flow.bench import BenchConfig, run_one
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,15 +66,6 @@ def run_meta() -> dict[str, Any]:
             "train_size": len(default.train.dataset), "test_size": len(default.test.dataset),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-    os.replace(tmp, path)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,8 +140,8 @@ def main() -> None:
                         if run_key(r) != run_key(run)] + [run]
                 meta = run_meta()
                 rows = summarise(runs)
-                write_atomically(path, json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
-                write_atomically(RESULTS / f"{STEM}.md", markdown(rows, meta))
+                write_atomic(path, json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
+                write_atomic(RESULTS / f"{STEM}.md", markdown(rows, meta))
     print((RESULTS / f"{STEM}.md").read_text())
 
 

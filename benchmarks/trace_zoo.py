@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 import torchvision
 
 import fxprune
+from fxprune.files import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = {
@@ -82,12 +82,6 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma-separated names (default: every model)")
@@ -109,8 +103,8 @@ def main() -> None:
               f"{', leaves ' + ', '.join(rows[-1]['leaves']) if rows[-1].get('leaves') else ''}", flush=True)
         RESULTS.mkdir(exist_ok=True)
         everything = list(kept.values()) + rows  # --models updates those rows of an earlier run
-        _write(path, json.dumps({"meta": meta, "rows": everything}, indent=1, default=str))
-        _write(RESULTS / "trace_zoo.md", markdown(everything, meta))
+        write_atomic(path, json.dumps({"meta": meta, "rows": everything}, indent=1, default=str))
+        write_atomic(RESULTS / "trace_zoo.md", markdown(everything, meta))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, remove_dead_branches
 from fxprune.decision import Decision
 from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
-from fxprune.passes.sharing import materialize, structural_copy, unshare
+from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy, unshare
 from fxprune.passes.verify import Tap, record, verify_against
 
 
@@ -59,22 +59,6 @@ class FinalizeReport:
     keep: dict[int, np.ndarray] = field(default_factory=dict)  # the final masks (retained units included)
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
-
-
-def _get(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
-    path, _, name = qualname.rpartition(".")
-    return getattr(gm.get_submodule(path), name)
-
-
-def _set(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer by a new tensor (never in place: it may be shared)."""
-    path, _, name = qualname.rpartition(".")
-    mod = gm.get_submodule(path)
-    old = getattr(mod, name)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        setattr(mod, name, value)
 
 
 def _fold_gates(gm: fx.GraphModule, values: dict[int, torch.Tensor]) -> None:
@@ -92,10 +76,10 @@ def _fold_gates(gm: fx.GraphModule, values: dict[int, torch.Tensor]) -> None:
         if key not in folded:
             folded.add(key)
             for qualname, pdim in params:
-                t = _get(gm, qualname).detach()
+                t = get_tensor(gm, qualname).detach()
                 shape = [1] * t.dim()
                 shape[pdim] = -1
-                _set(gm, qualname, t * v.view(shape).to(t.dtype))
+                replace_tensor(gm, qualname, t * v.view(shape).to(t.dtype))
         node.replace_all_uses_with(anchor)
         gm.graph.erase_node(node)
         if index is not None:
@@ -206,7 +190,7 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, cols: np.ndarray, const: torc
     if mod.bias is None:
         mod.bias = nn.Parameter(contribution.clone())
         return {f"{layer.module_path}.bias"}
-    _set(gm, f"{layer.module_path}.bias", mod.bias.detach() + contribution)
+    replace_tensor(gm, f"{layer.module_path}.bias", mod.bias.detach() + contribution)
     return set()
 
 
@@ -214,18 +198,18 @@ def _slice_params(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarr
                   extra: dict[tuple[str, int], ParamSlice], created_biases: set[str]) -> None:
     for (qualname, dim), ps in {**cg.param_slices, **extra}.items():
         try:
-            t = _get(gm, qualname)
+            t = get_tensor(gm, qualname)
         except AttributeError:
             continue  # removed together with a dead branch
         mask = cg.kept_positions(ps.ids, keep)
         if not mask.all():
-            _set(gm, qualname, t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0])).clone())
+            replace_tensor(gm, qualname, t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0])).clone())
     for layer in cg.layers:  # biases created while absorbing constants
         if layer.module_path and f"{layer.module_path}.bias" in created_biases:
             mask = cg.kept_positions(layer.out_ids, keep)
-            t = _get(gm, f"{layer.module_path}.bias")
+            t = get_tensor(gm, f"{layer.module_path}.bias")
             if t.shape[0] != mask.sum():
-                _set(gm, f"{layer.module_path}.bias", t.detach()[torch.as_tensor(np.nonzero(mask)[0])].clone())
+                replace_tensor(gm, f"{layer.module_path}.bias", t.detach()[torch.as_tensor(np.nonzero(mask)[0])].clone())
 
 
 def _resize_modules(gm: fx.GraphModule) -> None:
@@ -305,16 +289,15 @@ def finalize(
     """
     report = report if report is not None else FinalizeReport()
     cg = channel_graph
-    if decision is None:
-        gated = module
-        decision = read_gates(gated, cg)
-    else:
+    if decision is not None:
         decision = decision.complete(cg)
-        gated = apply_decision(module, cg, decision)
+    gated = module if decision is None else apply_decision(module, cg, decision)
+    held = read_gates(gated, cg)  # the reference's gate values: what is folded
+    decision = decision if decision is not None else held
     inputs = gated.meta["fxprune_example_inputs"]
     keep = {gid: mask.copy() for gid, mask in decision.keep.items()}
     gm = structural_copy(gated)
-    _fold_gates(gm, read_gates(gated, cg).scale)
+    _fold_gates(gm, held.scale)
     plans = dead_branch_plans(gm, cg, keep)
     taps = _taps(gated, gm, cg, keep, plans)
     ref_out, recorded = record(gated, inputs, taps)

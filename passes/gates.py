@@ -19,7 +19,7 @@ from fxprune.decision import Decision
 from fxprune.errors import AnalysisError
 from fxprune.ir import ChannelGraph, ChannelGroup
 from fxprune.rules.base import gate_anchor
-from fxprune.passes.sharing import materialize, structural_copy
+from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy
 
 GATE_ROOT = "fxprune_gates"
 
@@ -133,9 +133,6 @@ def apply_decision(module: fx.GraphModule, channel_graph: ChannelGraph, decision
         for gid, gate in gates.items():
             gate.weight.copy_(decision.gate_values(gid, gate.weight.numel()))
     for qualname, mask in decision.weight_masks.items():
-        path, _, name = qualname.rpartition(".")
-        owner = gated.get_submodule(path)
-        old = getattr(owner, name)
-        masked = old.detach() * mask.to(old.dtype)
-        setattr(owner, name, nn.Parameter(masked, old.requires_grad) if isinstance(old, nn.Parameter) else masked)
+        old = get_tensor(gated, qualname).detach()
+        replace_tensor(gated, qualname, old * mask.to(old.dtype))
     return gated

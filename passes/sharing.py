@@ -70,6 +70,21 @@ def materialize(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
+    """The parameter or buffer ``qualname`` of ``module``."""
+    path, _, name = qualname.rpartition(".")
+    return getattr(module.get_submodule(path), name)
+
+
+def replace_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
+    """Put ``value`` where ``qualname`` is, never writing the old tensor (it may be shared); a
+    parameter stays a parameter with its ``requires_grad``."""
+    path, _, name = qualname.rpartition(".")
+    owner = module.get_submodule(path)
+    old = getattr(owner, name)
+    setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
 def unshare(new: torch.nn.Module, old: torch.nn.Module) -> None:
     """Clone every parameter/buffer of ``new`` that is still an object of ``old``, so that
     training one never changes the other."""

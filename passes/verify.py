@@ -1,7 +1,8 @@
 """Equivalence checking: a finalized module must compute what its gated module computes.
 
-Finalize runs the gated module once (its own compiled code, not an interpreter) and records the
-outputs plus the few intermediate values it needs (``record``); the check then runs the finalized
+Finalize runs the gated module once and records the outputs plus the few intermediate values it
+needs (``record``: the module's compiled code with pre-hooks when every value is a module's
+input, else an interpreter); the check then runs the finalized
 module once and compares (``verify_against``). Only a failure pays for a diagnosis: both modules
 are re-run node by node to name the first diverging node, and in float64 to tell float32
 rounding that the model itself amplifies from a real finalize bug.

@@ -166,7 +166,7 @@ def test_budgets_limit_named_resources():
 
 
 # ---- import layering ----------------------------------------------------------------------------------
-CORE = ["ir", "analysis", "cost", "budget", "errors", "decision", "method", "scores", "tracing", "train",
+CORE = ["ir", "files", "analysis", "cost", "budget", "errors", "decision", "method", "scores", "tracing", "train",
         "data", "models", "rules/base", "rules/producers", "rules/norms", "rules/pointwise",
         "rules/combine", "rules/movement", "rules/shapes", "rules/__init__", "__init__"]
 

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
+from fxprune.files import write_atomic
 
 Run = dict[str, Any]
 
@@ -204,12 +205,6 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
     from fxprune.data import digits_loaders
 
@@ -225,8 +220,8 @@ def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs)
-    _atomic_write(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
-    _atomic_write(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
+    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
+    write_atomic(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
     if any(r["method"] != "dense" for r in rows):
         plot(rows, meta, out.with_suffix(".png"))
     return out

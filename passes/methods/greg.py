@@ -68,10 +68,6 @@ def producer_rows(ctx: Context, with_bias: bool = False) -> list[Rows]:
     return out
 
 
-def _param(ctx: Context, qualname: str) -> torch.nn.Parameter:
-    return ctx.module.get_parameter(qualname)
-
-
 def _broadcast(values: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = -1
@@ -124,28 +120,28 @@ class GrowingRegularization(Method):
 
     # ---- the penalty -----------------------------------------------------------------------------
     def after_backward(self, ctx: Context) -> None:
+        self.penalize(ctx, self.rows)
+
+    def penalize(self, ctx: Context, rows: list[Rows]) -> None:
+        """``grad += lam * w`` on each row, with its unit's lam (the growing L2 penalty's gradient)."""
         with torch.no_grad():
-            for r in self.rows:
+            for r in rows:
                 lam = self.lam[r.group][r.units]
                 if not lam.any():
                     continue
-                p = _param(ctx, r.qualname)
+                p = ctx.module.get_parameter(r.qualname)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.add_(_broadcast(lam.to(p.dtype), r.dim, p.dim()) * p)
 
     def _magnitudes(self, ctx: Context) -> dict[int, tuple[float, float]]:
-        """Per group: (mean L1 of kept filters, mean L1 of pruned filters)."""
-        sums: dict[int, np.ndarray] = {}
-        for r in self.rows:
-            p = _param(ctx, r.qualname).detach()
-            norms = p.abs().movedim(r.dim, 0).reshape(p.shape[r.dim], -1).sum(1).double().numpy()
-            acc = sums.setdefault(r.group, np.zeros(len(self.lam[r.group])))
-            np.add.at(acc, r.units.numpy(), norms)
+        """Per group: (mean L1 of kept filters, mean L1 of pruned filters), a unit's filters
+        summed over its producers as ``fxprune.scores.l1`` does."""
         out = {}
         for gid, pruned in self.pruned.items():
             if pruned.any() and (~pruned).any():
-                out[gid] = (float(sums[gid][~pruned].mean()), float(sums[gid][pruned].mean()))
+                l1 = scores.l1(ctx.module, ctx.graph, ctx.graph.group(gid))
+                out[gid] = (float(l1[~pruned].mean()), float(l1[pruned].mean()))
         return out
 
     def _grow(self, ctx: Context, delta: float) -> None:

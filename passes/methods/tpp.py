@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from fxprune.method import Context, register_method
-from fxprune.passes.methods.greg import GReg1, GRegOptions, Rows, _broadcast
-from fxprune.rules.base import gate_anchor
+from fxprune.passes.methods.greg import GReg1, GRegOptions, Rows
+from fxprune.rules.base import gate_anchor, rule_for
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class TPPOptions(GRegOptions):
 
 
 def norm_rows(ctx: Context) -> list[Rows]:
-    """gamma and beta of the norm right after each prunable group's producers."""
+    """The affine parameters (gamma, beta) of the norm right after each prunable group's
+    producers: the ones a gate there would fold into (the norm's op rule lists them)."""
     gm, modules = ctx.module, dict(ctx.module.named_modules())
     nodes = {n.name: n for n in gm.graph.nodes}
     out = []
@@ -49,17 +50,8 @@ def norm_rows(ctx: Context) -> list[Rows]:
             if anchor is None or anchor is node:
                 continue
             units = torch.as_tensor(site.units, dtype=torch.long)
-            rule_params = [q for q in (f"{anchor.target}.weight", f"{anchor.target}.bias")]
-            out += [Rows(q, 0, g.id, units) for q in rule_params if _has(gm, q)]
+            out += [Rows(q, dim, g.id, units) for q, dim in rule_for(anchor, modules).gate_params(gm, anchor)]
     return out
-
-
-def _has(gm: torch.nn.Module, qualname: str) -> bool:
-    try:
-        gm.get_parameter(qualname)
-        return True
-    except AttributeError:
-        return False
 
 
 @register_method
@@ -77,7 +69,6 @@ class TPP(GReg1):
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
         self.norm_rows = norm_rows(ctx)
-        self.norm_rows = [r for r in self.norm_rows if r.qualname not in {w.qualname for w in self.rows}]
 
     def loss(self, ctx: Context) -> torch.Tensor | None:
         if not self.pruned:
@@ -100,13 +91,7 @@ class TPP(GReg1):
         return self.options.opp_weight * lam_max * total
 
     def after_backward(self, ctx: Context) -> None:
-        super().after_backward(ctx)
-        with torch.no_grad():
-            for r in self.norm_rows:
-                lam = self.lam[r.group][r.units]
-                p = ctx.module.get_parameter(r.qualname)
-                if lam.any() and p.grad is not None:
-                    p.grad.add_(_broadcast(lam.to(p.dtype), r.dim, p.dim()) * p)
+        self.penalize(ctx, self.rows + self.norm_rows)
 
     def after_step(self, ctx: Context) -> None:
         super().after_step(ctx)
