@@ -220,6 +220,7 @@ def digits_loaders(
     augment: bool = False,
     variant: str = "digits",
     hard: HardDigits = HardDigits(),
+    validation: float = 0.0,
 ) -> DataSplit:
     """Stratified, seeded train/test loaders over the digits, resized and normalized up front.
 
@@ -229,7 +230,9 @@ def digits_loaders(
     Normalization uses the train split's statistics only, so no test information leaks
     into training. ``seed`` fixes the split, the ``digits-hard`` distortions and the
     batch order. ``augment`` adds a random translation by up to 2 pixels to training
-    batches (seeded by ``seed``), the only randomness drawn per epoch.
+    batches (seeded by ``seed``), the only randomness drawn per epoch. ``validation > 0``
+    holds that fraction of the training split out (stratified) and returns it as ``test``:
+    the test split is then never read, which is how a method's defaults are chosen.
     """
     if variant not in DATASETS:
         raise ConfigError(f"unknown dataset variant {variant!r}; choose one of {', '.join(DATASETS)}")
@@ -241,6 +244,8 @@ def digits_loaders(
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if not 0.0 <= validation < 1.0:
+        raise ConfigError(f"validation must be in [0, 1), got {validation!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers must be a non-negative int, got {num_workers!r}")
     if not isinstance(hard, HardDigits):
@@ -266,6 +271,10 @@ def digits_loaders(
                 random_state=seed,
                 stratify=labels[train_idx].numpy(),
             )
+    if validation > 0.0:  # the test split is dropped unread
+        train_idx, test_idx = train_test_split(
+            train_idx, test_size=validation, random_state=seed, stratify=labels[train_idx].numpy()
+        )
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     mean = images[train_idx].mean()
     std = images[train_idx].std()

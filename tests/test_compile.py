@@ -155,27 +155,53 @@ def test_gdp_gate_function_and_polarization():
     assert gate.weight.grad[0] == 0  # zero is an attractor: no gradient leaves it
 
 
-def _gdp_after_warmup(budget):
+def _gdp_after_warmup(budget, step=80):
     torch.manual_seed(0)
     prepared = fxprune.prepare(build_model("resnet20"), "gdp", budget, (torch.randn(2, 3, 16, 16),), total_steps=100)
-    prepared.ctx.step = 50  # past the warm-up
+    prepared.ctx.step = step  # 80: past the warm-up (25) and the search (to 75), where the path is the budget
     return prepared
+
+
+def _gates_below_snap(m):
+    """Every gate but one per group far below ``snap`` relative to its group's largest, in a random order."""
+    with torch.no_grad():
+        for gate in m.gates.values():
+            gate.weight.copy_(0.02 * torch.rand(gate.weight.shape))
+            gate.weight[0] = 1.0
+
+
+def _unit_costs(prepared, m):
+    full = {gid: np.ones(g.weight.numel(), dtype=bool) for gid, g in m.gates.items()}
+    dense = float(prepared.cost.macs(full))
+    largest_unit = max(dense - float(prepared.cost.macs({**full, gid: np.arange(len(mask)) != 0}))
+                       for gid, mask in full.items())  # one unit's cost is largest in the dense model
+    return dense, largest_unit
 
 
 def test_gdp_snaps_only_as_many_gates_as_the_budget_needs():
     prepared = _gdp_after_warmup(fxprune.Budget(flops=0.5))
     m = prepared.method
-    with torch.no_grad():
-        for gate in m.gates.values():  # every gate below `snap`, in a random order
-            gate.weight.copy_(0.2 * torch.rand(gate.weight.shape))
+    _gates_below_snap(m)
     prepared.step()
     macs, target = int(prepared.cost.macs(m.hard_keep())), prepared.targets.macs
-    full = {gid: np.ones(g.weight.numel(), dtype=bool) for gid, g in m.gates.items()}
-    dense = float(prepared.cost.macs(full))
-    largest_unit = max(dense - float(prepared.cost.macs({**full, gid: np.arange(len(mask)) != 0}))
-                       for gid, mask in full.items())  # one unit's cost is largest in the dense model
+    _, largest_unit = _unit_costs(prepared, m)
     assert target - largest_unit <= macs <= target
     assert m.met_at == prepared.ctx.step and m.gates[0].eps.item() == pytest.approx(m.options.eps_start)
+
+
+def test_gdp_follows_its_path_during_the_search():
+    """Halfway through the search the hard cost may fall only halfway to the budget, however
+    many gates are below ``snap``: pruning is gradual, so the network can adapt."""
+    prepared = _gdp_after_warmup(fxprune.Budget(flops=0.5), step=49)  # step() counts it: 50 of 100
+    m = prepared.method
+    _gates_below_snap(m)
+    lam = m.lam
+    prepared.step()
+    dense, largest_unit = _unit_costs(prepared, m)
+    path = m.path(prepared.ctx).macs
+    assert path == pytest.approx(dense - 0.5 * (dense - prepared.targets.macs), rel=1e-6)
+    assert path - largest_unit <= prepared.cost.macs(m.hard_keep()) <= path
+    assert m.met_at is None and m.lam < lam  # on the path: the penalty eases off
 
 
 def test_gdp_decide_rounds_widths_and_needs_total_steps():

@@ -95,6 +95,23 @@ def test_augmentation_shifts_by_at_most_two_pixels_and_is_reproducible() -> None
         assert torch.equal(a, b)
 
 
+def test_validation_split_comes_from_train_and_never_reads_test(digits: DataSplit) -> None:
+    """``validation`` is how method defaults are chosen: held out of the training split, stratified,
+    and no test image appears in either loader."""
+    val = digits_loaders(validation=0.2)
+
+    def keys(split) -> set:  # per-image keys, invariant to the split-wide normalisation
+        return {tuple(r) for r in _standardized_rows(split.dataset.tensors[0]).mul(1e4).round().tolist()}
+
+    v_train, v_held = keys(val.train), keys(val.test)
+    assert len(val.train.dataset) + len(val.test.dataset) == len(digits.train.dataset) and len(val.test.dataset) == 288
+    assert not v_train & v_held and (v_train | v_held) == keys(digits.train) and not v_held & keys(digits.test)
+    held = torch.bincount(val.test.dataset.tensors[1], minlength=10).float()
+    assert ((held - 0.2 * torch.bincount(digits.train.dataset.tensors[1], minlength=10)).abs() <= 1.0).all()
+    with pytest.raises(ConfigError, match="validation"):
+        digits_loaders(validation=1.0)
+
+
 @pytest.mark.parametrize("kwargs", [{"test_fraction": 1.5}, {"channels": 0}, {"batch_size": 0}])
 def test_bad_data_arguments_raise_config_error(kwargs: dict) -> None:
     with pytest.raises(ConfigError):

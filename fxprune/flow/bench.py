@@ -144,7 +144,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     lines = [f"# Methods on {meta['dataset']} ({meta['model']}, {meta['epochs']} + {meta['finetune']} epochs, "
              f"seeds {meta['seeds']})", "",
-             f"{meta['train_size']} train / {meta['test_size']} test images; torch {meta['torch']} on "
+             f"{meta['train_size']} train / {meta['test_size']} {meta.get('evaluated_on', 'test')} images; torch {meta['torch']} on "
              f"{meta['machine']}, one thread per run; {meta['date']}. Accuracy: mean ± standard deviation over "
              "seeds; MACs and parameters are counted on the finalized module; time is wall seconds per phase "
              "(prepare / train / finalize / fine-tune), mean over seeds.", "",
@@ -210,6 +210,7 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
 
     data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, **cfg.data_options)
     return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs", "data_options")}, "seeds": list(cfg.seeds),
+            "evaluated_on": "validation" if cfg.data_options.get("validation") else "test",
             "train_size": len(data.train.dataset), "test_size": len(data.test.dataset),
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
     b.add_argument("--out", default="benchmarks/results/methods", help="output stem (.json, .md, .png)")
     b.add_argument("--resume", action="store_true", help="skip runs already in the output JSON")
+    b.add_argument("--validation", type=float, default=0.0,
+                   help="hold this fraction of the training split out and report on it instead of the test split")
     b.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("analyze", help="print the channel groups of a model")
     a.add_argument("--model", default="resnet18")
@@ -122,7 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
     from fxprune.flow.bench import BenchConfig, bench, markdown, aggregate
 
     cfg = BenchConfig(methods=args.methods, dataset=args.dataset, flops=args.flops, seeds=args.seeds,
-                      model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out)
+                      model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out,
+                      data_options={"validation": args.validation} if args.validation else {})
     runs = bench(cfg, resume=args.resume, progress=not args.no_progress)
     print(Path(args.out).with_suffix(".md").read_text() if runs else markdown(aggregate(runs), {}))
     print(f"wrote {args.out}.json, .md, .png")
