@@ -288,14 +288,13 @@ class Walk:
         if n:
             uniq, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
             order = np.argsort(first, kind="stable")
-            unit_of_root = np.empty(len(uniq), dtype=np.int64)
             root_groups = group_of[first[order]]
-            counters = np.zeros(len(components), dtype=np.int64)
-            for k, g in zip(order.tolist(), root_groups.tolist()):
-                unit_of_root[k] = counters[g]
-                counters[g] += 1
+            by_group = np.argsort(root_groups, kind="stable")  # keeps first-appearance order within a group
+            sorted_groups = root_groups[by_group]
+            unit_of_root = np.empty(len(uniq), dtype=np.int64)
+            unit_of_root[order[by_group]] = np.arange(len(uniq)) - np.searchsorted(sorted_groups, sorted_groups)
             unit_of = unit_of_root[inverse.ravel()]
-            sizes = counters.tolist()
+            sizes = np.bincount(root_groups, minlength=len(components)).tolist()
         units = UnitTable(group_of, unit_of)
         reasons: dict[int, str] = {}
         for cid, why in sorted(self.blocked.items()):

@@ -13,7 +13,7 @@ number of units, and a gate holds one value per unit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import networkx as nx
 import numpy as np
@@ -221,6 +221,17 @@ class ChannelGraph:
             sel = g == gid
             kept[sel] = keep[int(gid)][u[sel]]
         return kept
+
+    def survivors(self, keep: dict[int, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """``kept_positions`` under one fixed, complete decision: the survival of every channel
+        id is tabulated once, so each call is a single lookup (finalize makes hundreds)."""
+        sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        flat = np.concatenate([np.asarray(keep[g.id], dtype=bool) for g in self.groups] + [np.ones(1, bool)])
+        group_of, unit_of = self.units.group_of, self.units.unit_of
+        index = np.where(group_of >= 0, offsets[np.clip(group_of, 0, None)] + unit_of, len(flat) - 1)
+        alive = np.append(flat[index], True)  # id -1 (untracked) reads the last entry: kept
+        return lambda ids: alive[np.asarray(ids, dtype=np.int64)]
 
     def summary(self) -> dict[str, Any]:
         total = sum(g.size for g in self.groups)

@@ -53,7 +53,6 @@ Example (in the manner of ``torch/fx/passes/shape_prop.py``)::
 from __future__ import annotations
 
 import builtins
-import copy
 import inspect
 import operator
 import traceback
@@ -67,6 +66,7 @@ from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.node import map_aggregate
 
 from fxprune.errors import TraceError
+from fxprune.modcopy import copy_module, graph_module
 from fxprune.rules.base import is_registered_module
 
 # Modules that stay leaves so that their train/eval behaviour survives tracing.
@@ -484,7 +484,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> tuple[f
     tracer = ConcreteTracer(example_inputs)
     graph = tracer.trace(model)
     graph._tracer_cls = None  # unpickling re-traces the generated code: with a plain fx.Tracer
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
+    return graph_module(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -499,7 +499,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModu
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    copied = copy.deepcopy(model)
+    copied = copy_module(model)
     name = type(model).__name__
     try:
         gm, leaves = _capture(copied, example_inputs)

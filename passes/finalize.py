@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ from fxprune.decision import Decision
 from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy, unshare
 from fxprune.passes.verify import Tap, record, verify_against
+
+Alive = Callable[[np.ndarray], np.ndarray]  # channel ids -> which survive (ChannelGraph.survivors)
 
 
 @dataclass
@@ -94,8 +96,9 @@ def _gated_name(gated: fx.GraphModule) -> dict[str, str]:
 
 
 def _absorb_layers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> list[Layer]:
-    alive = {n.name for n in gm.graph.nodes}
-    return [l for l in cg.layers if l.node in alive and not cg.kept_positions(l.in_ids, keep).all()]
+    names = {n.name for n in gm.graph.nodes}
+    alive = cg.survivors(keep)
+    return [l for l in cg.layers if l.node in names and not alive(l.in_ids).all()]
 
 
 def _input_dim(layer: Layer, ndim: int) -> int:
@@ -110,11 +113,12 @@ def _taps(gated: fx.GraphModule, gm: fx.GraphModule, cg: ChannelGraph, keep: dic
     gated_nodes = {n.name: n for n in gated.graph.nodes}
     folded_nodes = {n.name: n for n in gm.graph.nodes}
     taps: dict[str, Tap] = {rename.get(end.name, end.name): None for end, _ in plans}
+    alive = cg.survivors(keep)
     for layer in _absorb_layers(gm, cg, keep):
         # The input's rank from the folded graph: in the gated one it may be a gate node, which
         # records no value of its own.
         ndim = len(folded_nodes[layer.node].args[0].meta["fxprune_value"].shape)
-        removed = np.nonzero(~cg.kept_positions(layer.in_ids, keep))[0].tolist()
+        removed = np.nonzero(~alive(layer.in_ids))[0].tolist()
         taps[gated_nodes[layer.node].args[0].name] = (_input_dim(layer, ndim), removed)
     return taps
 
@@ -128,13 +132,15 @@ def _keep_one_in_dead_groups(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[in
         if not mask.any() and any(site.node in alive for site in cg.groups[gid].sites):
             mask[0] = True
             report.retained.setdefault(gid, "all gates are zero; one zero channel is kept (no removable branch)")
+    survives = cg.survivors(keep)
     for layer in cg.layers:  # a live conv/linear needs >= 1 input and output channel
         if layer.node not in alive:
             continue
         for ids in (layer.out_ids, layer.in_ids):
-            if len(ids) and not cg.kept_positions(ids, keep).any():
+            if len(ids) and not survives(ids).any():
                 gid, uid = cg.units.locate(int(ids[0]))
                 keep[gid][uid] = True
+                survives = cg.survivors(keep)
                 report.retained.setdefault(gid, f"'{layer.node}' would have no channels left; one zero channel is kept")
 
 
@@ -149,11 +155,11 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
     gated_nodes = {n.name: n for n in gated.graph.nodes}
     layers = _absorb_layers(gm, cg, keep)
 
-    def removed_columns(layer: Layer) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    def removed_columns(layer: Layer, alive: Alive) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Removed input positions of ``layer``, each one's value if it is a constant, and
         whether it is one (from the recorded summaries: first element, largest deviation)."""
         name = gated_nodes[layer.node].args[0].name
-        removed = np.nonzero(~cg.kept_positions(layer.in_ids, keep))[0]
+        removed = np.nonzero(~alive(layer.in_ids))[0]
         summary = recorded[name]
         rows = torch.as_tensor(np.searchsorted(np.asarray(taps[name][1]), removed), dtype=torch.long)
         const, spread = summary[0, rows], summary[1, rows]
@@ -165,8 +171,9 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
     changed = True
     while changed:
         changed = False
+        alive = cg.survivors(keep)  # a pass sees the keep masks as they were when it started
         for layer in layers:
-            removed, const, constant = removed_columns(layer)
+            removed, const, constant = removed_columns(layer, alive)
             if not removed.size:
                 continue
             bad = removed[((const != 0) & ~(constant & torch.tensor(exact(layer)))).numpy()]
@@ -175,8 +182,9 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
                 keep[gid][uid] = changed = True
                 report.retained[gid] = f"removed channels feed a non-zero constant into '{layer.node}', which cannot absorb it exactly"
     created: set[str] = set()
+    alive = cg.survivors(keep)
     for layer in layers:
-        removed, const, _ = removed_columns(layer)
+        removed, const, _ = removed_columns(layer, alive)
         nonzero = (const != 0).numpy()
         if nonzero.any():
             created |= _add_to_bias(gm, layer, removed[nonzero], const[torch.as_tensor(nonzero)])
@@ -194,22 +202,27 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, cols: np.ndarray, const: torc
     return set()
 
 
-def _slice_params(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
+def _slice_params(gm: fx.GraphModule, cg: ChannelGraph, alive: Alive,
                   extra: dict[tuple[str, int], ParamSlice], created_biases: set[str]) -> None:
+    owners = dict(gm.named_modules())  # one walk instead of a get_submodule per tensor
+
+    def select(qualname: str, dim: int, mask: np.ndarray) -> None:
+        path, _, name = qualname.rpartition(".")
+        owner = owners.get(path)
+        t = getattr(owner, name, None) if owner is not None else None
+        if t is None or mask.all():  # gone with a dead branch, or nothing removed
+            return
+        sliced = t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0]))
+        setattr(owner, name, nn.Parameter(sliced, t.requires_grad) if isinstance(t, nn.Parameter) else sliced)
+
     for (qualname, dim), ps in {**cg.param_slices, **extra}.items():
-        try:
-            t = get_tensor(gm, qualname)
-        except AttributeError:
-            continue  # removed together with a dead branch
-        mask = cg.kept_positions(ps.ids, keep)
-        if not mask.all():
-            replace_tensor(gm, qualname, t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0])).clone())
+        select(qualname, dim, alive(ps.ids))
     for layer in cg.layers:  # biases created while absorbing constants
-        if layer.module_path and f"{layer.module_path}.bias" in created_biases:
-            mask = cg.kept_positions(layer.out_ids, keep)
-            t = get_tensor(gm, f"{layer.module_path}.bias")
-            if t.shape[0] != mask.sum():
-                replace_tensor(gm, f"{layer.module_path}.bias", t.detach()[torch.as_tensor(np.nonzero(mask)[0])].clone())
+        qualname = f"{layer.module_path}.bias"
+        if layer.module_path and qualname in created_biases:
+            mask = alive(layer.out_ids)
+            if get_tensor(gm, qualname).shape[0] != mask.sum():
+                select(qualname, 0, mask)
 
 
 def _resize_modules(gm: fx.GraphModule) -> None:
@@ -220,7 +233,7 @@ def _resize_modules(gm: fx.GraphModule) -> None:
             rule.resize(mod)
 
 
-def _specialize_sizes(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> None:
+def _specialize_sizes(gm: fx.GraphModule, cg: ChannelGraph, alive: Alive) -> None:
     """Replace integers read from channel sizes by their traced (dense) values where a removed
     channel would change them; the literal rewrite then gives each consumer the size *its own*
     tensor has. A size read from one tensor thus never reshapes another whose channels differ
@@ -230,9 +243,9 @@ def _specialize_sizes(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.n
 
     def concrete(a: fx.Node) -> Any:
         size = cg.channel_sizes.get(a.name)
-        if size is None or cg.kept_positions(size.ids, keep).all():
+        if size is None or alive(size.ids).all():
             return a
-        return _literal(gm, a, size, keep, cg)
+        return _literal(gm, a, size, alive)
 
     for name in cg.size_uses:
         node = nodes.get(name)
@@ -241,7 +254,7 @@ def _specialize_sizes(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.n
             node.kwargs = map_arg(node.kwargs, concrete)
 
 
-def _literal(gm: fx.GraphModule, node: fx.Node, size: SizeOf, keep: dict[int, np.ndarray], cg: ChannelGraph) -> Any:
+def _literal(gm: fx.GraphModule, node: fx.Node, size: SizeOf, alive: Alive) -> Any:
     """The traced value of a size node; for a size tuple only the parts that count removed
     channels become literals, the others stay read at run time."""
     value = node.meta["fxprune_value"]
@@ -249,7 +262,7 @@ def _literal(gm: fx.GraphModule, node: fx.Node, size: SizeOf, keep: dict[int, np
         return int(value) if isinstance(value, int) else value
     out = []
     for i, part in enumerate(size.parts):
-        if part.ids.size and not cg.kept_positions(part.ids, keep).all():
+        if part.ids.size and not alive(part.ids).all():
             out.append(int(value[i]))
         else:
             with gm.graph.inserting_after(node):
@@ -307,9 +320,10 @@ def finalize(
     _keep_one_in_dead_groups(gm, cg, keep, report)
     created = _absorb_constants(gm, gated, cg, keep, recorded, taps, report)
     del recorded, ends
-    _slice_params(gm, cg, keep, constant_slices, created)
+    alive = cg.survivors(keep)
+    _slice_params(gm, cg, alive, constant_slices, created)
     _resize_modules(gm)
-    _specialize_sizes(gm, cg, keep)
+    _specialize_sizes(gm, cg, alive)
     _rewrite_literals(gm, cg, keep)
     gm.graph.eliminate_dead_code()
     gm = materialize(gm)

@@ -6,36 +6,20 @@ Sharing the rest keeps the traced, gated and finalized modules together within a
 parameter bytes (DESIGN: the user's model is never mutated; ours are never mutated in place).
 
 Copies are also cheap in time: modules are cloned shallowly (new attribute dicts, same tensors)
-rather than deep-copied, and a working copy generates no code until it is materialized, because
-generating Python for a graph of thousands of nodes costs about as much as running the model.
+rather than deep-copied, and no copy generates code before it is first run
+(``fxprune.modcopy.graph_module``): generating Python for a graph of thousands of nodes costs
+about as much as running the model.
 """
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-try:  # lazy code generation; a private torch module, so fall back to plain GraphModules
-    from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
-except ImportError:  # pragma: no cover
-    _LazyGraphModule = None
-
-
-def _clone(module: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
-    """A new module object with its own attribute, parameter, buffer and child tables; the
-    tensors in them (and every other attribute value) are shared."""
-    if id(module) in done:
-        return done[id(module)]
-    clone = module.__class__.__new__(module.__class__)
-    done[id(module)] = clone
-    clone.__dict__ = dict(module.__dict__)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    clone._modules = {k: (_clone(v, done) if v is not None else None) for k, v in module._modules.items()}
-    return clone
+from fxprune.modcopy import clone_tree, graph_module
 
 
 def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -43,31 +27,25 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
 
     The copy generates its code lazily (call ``materialize`` before handing it out)."""
     root = nn.Module()
-    done: dict[int, nn.Module] = {}
+    memo: dict[int, Any] = {}
     for name, child in gm.named_children():
-        root._modules[name] = _clone(child, done)
+        root._modules[name] = clone_tree(child, memo=memo)
     root._parameters = dict(gm._parameters)
     root._buffers = dict(gm._buffers)
     for node in gm.graph.nodes:  # plain tensor attributes (fx's constants) referenced by get_attr
         if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
             setattr(root, node.target, getattr(gm, node.target))
-    graph = copy.deepcopy(gm.graph)
-    name = gm.__class__.__name__
-    if _LazyGraphModule is not None:
-        out = _make_graph_module(root, graph, name, graph_module_cls=_LazyGraphModule)
-    else:  # pragma: no cover
-        out = fx.GraphModule(root, graph, name)
+    out = graph_module(root, copy.deepcopy(gm.graph), gm.__class__.__name__)
     out.meta = dict(gm.meta)
     out.training = gm.training
     return out
 
 
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
-    """A plain GraphModule with the graph and (only the referenced) modules of ``gm``."""
-    out = fx.GraphModule(gm, gm.graph, gm.__class__.__name__.replace("_LazyGraphModule", "GraphModule"))
-    out.meta = dict(gm.meta)
-    out.training = gm.training
-    return out
+    """``gm`` ready to hand out: submodules its graph no longer references are dropped."""
+    gm.delete_all_unused_submodules()
+    gm.recompile()  # lazily: the code is written at the first call
+    return gm
 
 
 def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:

@@ -390,3 +390,20 @@ def test_analysis_invariants(net):
     # the classifier output reaches the graph output
     out = cg.groups[-1]
     assert not out.prunable and "output" in out.reason
+
+
+def test_survivors_table_agrees_with_kept_positions():
+    """``ChannelGraph.survivors`` (one table per decision, what finalize uses) and
+    ``kept_positions`` (one lookup per call) answer the same for every id array the graph holds."""
+    import torchvision
+
+    model = torchvision.models.densenet121(weights=None).eval()  # concat: ids of many groups per array
+    cg = fxprune.analyze(fxprune.trace(model, (torch.randn(1, 3, 32, 32),)))
+    rng = np.random.default_rng(0)
+    keep = {g.id: rng.random(g.size) < 0.5 for g in cg.groups}
+    alive = cg.survivors(keep)
+    arrays = [ps.ids for ps in cg.param_slices.values()] + [l.in_ids for l in cg.layers] + [l.out_ids for l in cg.layers]
+    arrays.append(np.array([-1, 0, -1], dtype=np.int64))  # untracked ids survive
+    for ids in arrays:
+        assert np.array_equal(alive(ids), cg.kept_positions(ids, keep))
+    assert not all(alive(ids).all() for ids in arrays)

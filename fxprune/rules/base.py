@@ -18,7 +18,7 @@ An op without a rule blocks the channels it touches, with the op named in the re
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -54,10 +54,13 @@ class Rewrite:
     gm: fx.GraphModule
     cg: "ChannelGraph"
     keep: dict[int, np.ndarray]
+    _alive: Callable[[np.ndarray], np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def kept(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask over ``ids``: True where the channel survives."""
-        return self.cg.kept_positions(ids, self.keep)
+        if self._alive is None:
+            self._alive = self.cg.survivors(self.keep)
+        return self._alive(ids)
 
     def map_of(self, node: Any) -> Any:
         return self.cg.node_maps.get(node.name) if isinstance(node, fx.Node) else None

@@ -1,0 +1,98 @@
+"""Copies of module trees without ``copy.deepcopy``'s per-attribute cost, and GraphModules
+that generate their code only when first run.
+
+``copy.deepcopy`` of a torchvision model spends most of its time in Python on the modules
+themselves (every hook table, every flag, through ``__reduce_ex__``), not on the tensors: on
+mobilenet_v2 it cost about four eager forwards of the model. A module tree has a known shape, so
+it is copied here table by table: new module objects, new parameter/buffer/child tables, the
+tensors either shared (``passes.sharing``: copies that are never written in place) or cloned
+(``trace``: the user's model must never see what is done to the copy). Other attribute values
+are shared when immutable, re-created when an empty container (hook tables), and deep-copied
+otherwise (a cache dict a forward may fill), all through one memo, so objects referenced twice
+(tied weights, a module used at two places) stay one object in the copy.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+try:  # lazy code generation; a private torch module, so fall back to plain GraphModules
+    from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
+except ImportError:  # pragma: no cover
+    _LazyGraphModule = None
+
+# Shared as they are (deepcopy shares functions and classes too).
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size,
+              types.FunctionType, types.BuiltinFunctionType, type)
+
+
+def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value):
+        return value
+    if isinstance(value, (dict, list, set)) and not value:  # hook tables
+        return type(value)()
+    return copy.deepcopy(value, memo)
+
+
+def clone_tree(
+    module: nn.Module,
+    tensor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    memo: dict[int, Any] | None = None,
+) -> nn.Module:
+    """A copy of ``module`` with its own module objects and tables; each parameter and buffer is
+    ``tensor(t)``, parameters staying parameters. With ``tensor=None`` the tensors and every other
+    attribute value are shared. Pass one ``memo`` to copy several trees that share modules."""
+    memo = {} if memo is None else memo
+
+    def convert(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or tensor is None:
+            return t
+        if id(t) not in memo:
+            if type(t) is nn.Parameter:
+                memo[id(t)] = nn.Parameter(tensor(t), t.requires_grad)
+            elif type(t) is torch.Tensor:
+                memo[id(t)] = tensor(t)
+            else:  # subclasses (lazy modules' uninitialized parameters) know how to copy themselves
+                memo[id(t)] = copy.deepcopy(t, memo)
+        return memo[id(t)]
+
+    def clone(mod: nn.Module) -> nn.Module:
+        if id(mod) in memo:
+            return memo[id(mod)]
+        if tensor is not None and getattr(type(mod), "__deepcopy__", None) is not None:
+            return copy.deepcopy(mod, memo)  # a class that copies itself (GraphModule regenerates code)
+        out = mod.__class__.__new__(mod.__class__)
+        memo[id(mod)] = out
+        special = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+        attrs = {k: (v if tensor is None else _copy_value(v, memo))
+                 for k, v in mod.__dict__.items() if k not in special}
+        attrs["_parameters"] = {k: convert(v) for k, v in mod._parameters.items()}
+        attrs["_buffers"] = {k: convert(v) for k, v in mod._buffers.items()}
+        attrs["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
+        attrs["_modules"] = {k: (clone(v) if v is not None else None) for k, v in mod._modules.items()}
+        out.__dict__ = attrs  # bypasses Module.__setattr__, whose checks cost more than the copy
+        return out
+
+    return clone(module)
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """An independent copy of ``module`` (as ``copy.deepcopy``, several times faster)."""
+    return clone_tree(module, lambda t: t.detach().clone())
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` that writes and compiles its Python code on its
+    first call (or ``.code``), not now: a pass's intermediate modules are often never run, and
+    code generation costs about a third of an eager forward of mobilenet_v2. It pickles, deep-copies
+    and runs as a GraphModule (it is one)."""
+    if _LazyGraphModule is None:  # pragma: no cover
+        return fx.GraphModule(root, graph, class_name)
+    return _make_graph_module(root, graph, class_name, graph_module_cls=_LazyGraphModule)
