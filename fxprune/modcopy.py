@@ -90,9 +90,10 @@ def copy_module(module: nn.Module) -> nn.Module:
 
 def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     """``fx.GraphModule(root, graph, class_name)`` that writes and compiles its Python code on its
-    first call (or ``.code``), not now: a pass's intermediate modules are often never run, and
-    code generation costs about a third of an eager forward of mobilenet_v2. It pickles, deep-copies
-    and runs as a GraphModule (it is one)."""
+    first call (or ``.code``), not now: a pass edits its working copy's graph before the code
+    matters, and code generation costs about a third of an eager forward of mobilenet_v2. Hand
+    it out only after ``passes.sharing.materialize``: on its first call a lazy module writes its
+    code and calls itself again, which runs forward hooks twice."""
     if _LazyGraphModule is None:  # pragma: no cover
         return fx.GraphModule(root, graph, class_name)
     return _make_graph_module(root, graph, class_name, graph_module_cls=_LazyGraphModule)

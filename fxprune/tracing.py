@@ -66,7 +66,7 @@ from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.node import map_aggregate
 
 from fxprune.errors import TraceError
-from fxprune.modcopy import copy_module, graph_module
+from fxprune.modcopy import copy_module
 from fxprune.rules.base import is_registered_module
 
 # Modules that stay leaves so that their train/eval behaviour survives tracing.
@@ -484,7 +484,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> tuple[f
     tracer = ConcreteTracer(example_inputs)
     graph = tracer.trace(model)
     graph._tracer_cls = None  # unpickling re-traces the generated code: with a plain fx.Tracer
-    return graph_module(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:

@@ -6,7 +6,7 @@ Sharing the rest keeps the traced, gated and finalized modules together within a
 parameter bytes (DESIGN: the user's model is never mutated; ours are never mutated in place).
 
 Copies are also cheap in time: modules are cloned shallowly (new attribute dicts, same tensors)
-rather than deep-copied, and no copy generates code before it is first run
+rather than deep-copied, and a working copy generates no code until it is materialized
 (``fxprune.modcopy.graph_module``): generating Python for a graph of thousands of nodes costs
 about as much as running the model.
 """
@@ -42,9 +42,12 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` ready to hand out: submodules its graph no longer references are dropped."""
+    """``gm`` ready to hand out: submodules its graph no longer references are dropped and its
+    code is written now. A lazy module writes its code inside its first call and then calls
+    itself again, so a forward hook on it (DSA samples its masks in one) would fire twice."""
     gm.delete_all_unused_submodules()
-    gm.recompile()  # lazily: the code is written at the first call
+    realize = getattr(gm, "real_recompile", None)
+    (realize or gm.recompile)()
     return gm
 
 

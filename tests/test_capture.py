@@ -336,3 +336,23 @@ def test_trace_copies_the_model_as_deepcopy_would():
     assert copied.twice[0] is copied.a and copied.scale is not model.scale
     copied(x)
     assert copied.cache == {(1, 3, 4, 4): 1} and model.cache == {}
+
+
+def test_handed_out_modules_run_their_hooks_once_per_call():
+    """Passes build lazy working copies; what they hand out must not call itself twice on its
+    first run (a lazy GraphModule writes its code, then re-enters ``__call__``)."""
+    from fxprune.passes import finalize, insert_gates
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    gated, _ = insert_gates(gm, fxprune.analyze(gm))
+    calls: list[str] = []
+    for name, m in (("traced", gm), ("gated", gated)):
+        m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+    gm(x)
+    gated(x)
+    fin = finalize(gated, fxprune.analyze(gm))  # runs the gated module once more
+    fin.register_forward_pre_hook(lambda mod, args: calls.append("finalized"))
+    fin(x)
+    assert calls == ["traced", "gated", "gated", "finalized"]
