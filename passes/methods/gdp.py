@@ -18,9 +18,10 @@ Choices that are this library's [A], because the paper leaves them open:
   second-stage residual streams down to one channel (the FLOPs penalty pushes each unit by its
   FLOPs share, 18x more on the first stream than on the last) at 25% FLOPs, -17 pt after
   fine-tuning (benchmarks/results/methods_gdp_v1.md); with this start and the gradual schedule
-  below no stream drops under a third of its width. Starting at x = 1 with a small eps froze
-  the gates (dg/dx ~ 2 eps), and a large eps (1.0: every gate at 0.5, fxprune's first default)
-  left the network running on half-closed channels that snapping then removed at chance accuracy;
+  below every stream keeps at least 30% of its width at 10% FLOPs (methods.md beside it).
+  Starting at x = 1 with a small eps froze the gates (dg/dx ~ 2 eps), and a large eps (1.0:
+  every gate at 0.5, fxprune's first default) left the network running on half-closed channels
+  that snapping then removed at chance accuracy;
 - three phases over ``total_steps`` (required): warm-up, search, polarize. For the first
   ``warmup`` fraction the penalty is off: the network and the gates first learn the task.
   During the next ``search`` fraction the allowed cost (``path``) falls linearly from dense to
@@ -39,12 +40,12 @@ Choices that are this library's [A], because the paper leaves them open:
   (``block_removal=False``: every group keeps a unit, as fxprune's GDP did before);
 - ``penalty``: ``"flops"`` (default, the paper's bilinear FLOPs) or ``"uniform"`` (the mean
   gate value: every unit pushed alike, the FLOPs budget enforced only by the snapping order),
-  offered to compare (benchmarks/results/methods.md), not tuned;
+  offered to compare (benchmarked with the first schedule: benchmarks/results/methods_gdp_v1.md),
+  not tuned;
 - a gate whose value (relative to its group's largest with ``relative``) falls below ``snap``
   is set to exactly 0 and held there (momentum could otherwise carry it off 0); this is how gates
-  reach the exact zeros the paper prunes.
-  Only as many are zeroed as the path needs (smallest first), so the run lands on the budget
-  instead of overshooting it;
+  reach the exact zeros the paper prunes. Only as many are zeroed as the path needs (smallest
+  first), so the run lands on the budget instead of overshooting it;
 - ``Budget(round_to=r)``: decide drops each pruned group's smallest surviving gates down to a
   multiple of r;
 - if training ends above budget, the smallest gates are zeroed until it is met (``allocate``).
