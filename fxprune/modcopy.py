@@ -71,8 +71,8 @@ def clone_tree(
         out = mod.__class__.__new__(mod.__class__)
         memo[id(mod)] = out
         special = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
-        attrs = {k: (v if tensor is None else _copy_value(v, memo))
-                 for k, v in mod.__dict__.items() if k not in special}
+        attrs = {k: (v if tensor is None else clone(v) if isinstance(v, nn.Module) else _copy_value(v, memo))
+                 for k, v in mod.__dict__.items() if k not in special}  # a module kept as a plain attribute: one copy
         attrs["_parameters"] = {k: convert(v) for k, v in mod._parameters.items()}
         attrs["_buffers"] = {k: convert(v) for k, v in mod._buffers.items()}
         attrs["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)

@@ -336,6 +336,9 @@ def test_trace_copies_the_model_as_deepcopy_would():
     assert copied.twice[0] is copied.a and copied.scale is not model.scale
     copied(x)
     assert copied.cache == {(1, 3, 4, 4): 1} and model.cache == {}
+    object.__setattr__(model.a, "peer", model.b)  # a module kept as a plain attribute (not a child)
+    again = copy_module(model)
+    assert again.a.peer is again.b and again.b is not model.b
 
 
 def test_handed_out_modules_run_their_hooks_once_per_call():
