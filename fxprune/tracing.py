@@ -222,6 +222,25 @@ def _is_shape_query(kind: str, target: Any, args: tuple[Any, ...]) -> bool:
     return False
 
 
+_FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod (C or Python)
+_OPAQUE_FUNCTIONS: dict[type, Callable[..., Any]] = {}
+
+
+def _opaque_apply(cls: type) -> Callable[..., Any]:
+    """One graph target per ``torch.autograd.Function`` subclass: calling it runs ``cls.apply``,
+    so the traced module's backward is the Function's own (tracing through ``forward`` would
+    record its ops and silently drop its custom backward: a gradient-reversal layer would then
+    pass gradients unreversed). The channels through it are blocked (the analysis does not know
+    the op). Such a traced module cannot be pickled whole; save its ``state_dict``."""
+    if cls not in _OPAQUE_FUNCTIONS:
+        def apply(*args: Any, **kwargs: Any) -> Any:
+            return cls.apply(*args, **kwargs)
+
+        apply.__name__ = apply.__qualname__ = f"{cls.__name__}_apply"
+        _OPAQUE_FUNCTIONS[cls] = apply
+    return _OPAQUE_FUNCTIONS[cls]
+
+
 class _ModuleState:
     """Python-level state of every module, so that what a forward stores while being traced
     (caches holding proxies: ``self.anchors = ...``, ``self.grid[i] = ...``) can be undone.
@@ -415,6 +434,14 @@ class ConcreteTracer(fx.Tracer):
         """Trace ``root`` on the example inputs (they replace fx's ``concrete_args``)."""
         self._state = _ModuleState(root)
         constants: dict[str, Any] = {}
+        tracer = self
+
+        def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+                return tracer.create_proxy("call_function", _opaque_apply(cls), args, kwargs)
+            return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+
+        torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
         try:
             graph = super().trace(root)
             # fx stores tensor constants it meets (``_tensor_constant0``) on the root; keep them
@@ -422,6 +449,7 @@ class ConcreteTracer(fx.Tracer):
             constants = {n.target: _fetch(root, n.target) for n in graph.nodes
                          if n.op == "get_attr" and "." not in n.target}
         finally:
+            torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
             self._state.restore(root)  # drop what forwards cached (proxies, values) on the copy
         for name, value in constants.items():
             if not hasattr(root, name):

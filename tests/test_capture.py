@@ -359,3 +359,38 @@ def test_handed_out_modules_run_their_hooks_once_per_call():
     fin.register_forward_pre_hook(lambda mod, args: calls.append("finalized"))
     fin(x)
     assert calls == ["traced", "gated", "gated", "finalized"]
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _Adversarial(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(_GradReverse.apply(torch.relu(self.bn(self.conv(x))))).mean((2, 3))
+
+
+def test_custom_autograd_function_stays_opaque_and_keeps_its_backward():
+    """Tracing through ``Function.forward`` silently dropped the custom backward (the gated model's
+    input gradient was the negation of the user's); the Function is now one opaque node."""
+    model = _Adversarial().eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    gm = fxprune.trace(model, (x.detach(),))
+    assert any(n.op == "call_function" and n.target.__name__ == "_GradReverse_apply" for n in gm.graph.nodes)
+    gm(x).sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+    blocked = [g.reason for g in fxprune.analyze(gm).groups if not g.prunable]
+    assert any("_GradReverse_apply" in r for r in blocked)
+    assert "_FunctionBase" in repr(torch.autograd.Function.__dict__["apply"])  # the patch is undone
