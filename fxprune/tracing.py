@@ -67,7 +67,7 @@ from torch.fx.node import map_aggregate
 
 from fxprune.errors import TraceError
 from fxprune.modcopy import copy_module
-from fxprune.rules.base import is_registered_module
+from fxprune.rules.base import function_target, is_registered_module
 
 # Modules that stay leaves so that their train/eval behaviour survives tracing.
 _KEEP_AS_LEAF: tuple[type, ...] = ()
@@ -223,22 +223,6 @@ def _is_shape_query(kind: str, target: Any, args: tuple[Any, ...]) -> bool:
 
 
 _FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod (C or Python)
-_OPAQUE_FUNCTIONS: dict[type, Callable[..., Any]] = {}
-
-
-def _opaque_apply(cls: type) -> Callable[..., Any]:
-    """One graph target per ``torch.autograd.Function`` subclass: calling it runs ``cls.apply``,
-    so the traced module's backward is the Function's own (tracing through ``forward`` would
-    record its ops and silently drop its custom backward: a gradient-reversal layer would then
-    pass gradients unreversed). The channels through it are blocked (the analysis does not know
-    the op). Such a traced module cannot be pickled whole; save its ``state_dict``."""
-    if cls not in _OPAQUE_FUNCTIONS:
-        def apply(*args: Any, **kwargs: Any) -> Any:
-            return cls.apply(*args, **kwargs)
-
-        apply.__name__ = apply.__qualname__ = f"{cls.__name__}_apply"
-        _OPAQUE_FUNCTIONS[cls] = apply
-    return _OPAQUE_FUNCTIONS[cls]
 
 
 class _ModuleState:
@@ -438,7 +422,8 @@ class ConcreteTracer(fx.Tracer):
 
         def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
             if any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
-                return tracer.create_proxy("call_function", _opaque_apply(cls), args, kwargs)
+                # one opaque node: its backward stays the Function's own (rules.function_target)
+                return tracer.create_proxy("call_function", function_target(cls), args, kwargs)
             return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
         torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]

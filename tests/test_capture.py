@@ -394,3 +394,34 @@ def test_custom_autograd_function_stays_opaque_and_keeps_its_backward():
     blocked = [g.reason for g in fxprune.analyze(gm).groups if not g.prunable]
     assert any("_GradReverse_apply" in r for r in blocked)
     assert "_FunctionBase" in repr(torch.autograd.Function.__dict__["apply"])  # the patch is undone
+
+
+def test_register_op_teaches_a_custom_autograd_function():
+    """``register_op(Function, rule)``: the channels through it become prunable, finalize is exact,
+    and the pruned model still runs the Function's own backward."""
+    from fxprune.passes import finalize, insert_gates
+    from fxprune.rules.base import REGISTRY, function_target
+
+    fxprune.register_op(_GradReverse, fxprune.rules.elementwise("gradient reversal"))
+    try:
+        model = _Adversarial().eval()
+        x = torch.randn(2, 3, 8, 8)
+        gm = fxprune.trace(model, (x,))
+        cg = fxprune.analyze(gm)
+        assert cg.groups[0].prunable
+        gated, gates = insert_gates(gm, cg)
+        with torch.no_grad():
+            gates[0].weight[:4] = 0.0
+        pruned = finalize(gated, cg)
+        assert pruned.get_submodule("head").in_channels == 4
+        xs = x.clone().requires_grad_(True)
+        pruned(xs).sum().backward()
+        with torch.no_grad():
+            reference = gated(x)
+        torch.testing.assert_close(pruned(x), reference)
+        g_pruned = xs.grad.clone()
+        xs.grad = None
+        gated(xs).sum().backward()
+        torch.testing.assert_close(g_pruned, xs.grad)  # the reversal survives finalize
+    finally:
+        del REGISTRY.functions[function_target(_GradReverse)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -144,15 +145,35 @@ class _Registry:
 REGISTRY = _Registry()
 
 
+_FUNCTION_TARGETS: dict[type, Callable[..., Any]] = {}
+
+
+def function_target(cls: type) -> Callable[..., Any]:
+    """The graph target that stands for a ``torch.autograd.Function`` subclass: calling it runs
+    ``cls.apply``. ``fxprune.trace`` records a Function's call as this one opaque node (tracing
+    through its ``forward`` would drop its custom backward); ``register_op(cls, rule)`` attaches
+    a rule to it. Such a traced module cannot be pickled whole: save its ``state_dict``."""
+    if cls not in _FUNCTION_TARGETS:
+        def apply(*args: Any, **kwargs: Any) -> Any:
+            return cls.apply(*args, **kwargs)
+
+        apply.__name__ = apply.__qualname__ = f"{cls.__name__}_apply"
+        _FUNCTION_TARGETS[cls] = apply
+    return _FUNCTION_TARGETS[cls]
+
+
 def register_op(target: Any, rule: OpRule, *, replace: bool = False) -> None:
-    """Teach fxprune an op: ``target`` is a module class, a function, or a tensor method name.
+    """Teach fxprune an op: ``target`` is a module class, a ``torch.autograd.Function`` subclass,
+    a function, or a tensor method name.
 
     Module classes registered here are also kept as leaves by ``fxprune.trace``, so their own
-    forward is not traced into. Raises ``ConfigError`` if ``target`` already has a different
-    rule and ``replace`` is False.
+    forward is not traced into (Functions always are). Raises ``ConfigError`` if ``target``
+    already has a different rule and ``replace`` is False.
     """
     if not isinstance(rule, OpRule):
         raise ConfigError(f"register_op expects an fxprune.rules.OpRule, got {type(rule).__name__}")
+    if isinstance(target, type) and issubclass(target, torch.autograd.Function):
+        target = function_target(target)
     REGISTRY.add(target, rule, replace)
 
 
