@@ -207,20 +207,10 @@ class ChannelGraph:
         return out
 
     def kept_positions(self, ids: np.ndarray, keep: dict[int, np.ndarray]) -> np.ndarray:
-        """Boolean mask over ``ids``: True where the channel survives (untracked always does)."""
-        g, u = self.units.lookup(ids)
-        kept = np.ones(ids.shape, dtype=bool)
-        tracked = g >= 0
-        if not tracked.any():
-            return kept
-        first = g[tracked].flat[0]
-        if (g[tracked] == first).all():  # the common case: one group
-            kept[tracked] = keep[int(first)][u[tracked]]
-            return kept
-        for gid in np.unique(g[tracked]):
-            sel = g == gid
-            kept[sel] = keep[int(gid)][u[sel]]
-        return kept
+        """Boolean mask over ``ids``: True where the channel survives (untracked always does);
+        groups missing from ``keep`` keep everything. For many queries under one decision, build
+        ``survivors`` once."""
+        return self.survivors(self.keep_masks(keep))(ids)
 
     def survivors(self, keep: dict[int, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
         """``kept_positions`` under one fixed, complete decision: the survival of every channel

@@ -1,5 +1,4 @@
-"""Copies of module trees without ``copy.deepcopy``'s per-attribute cost, and GraphModules
-that generate their code only when first run.
+"""Copies of module trees without ``copy.deepcopy``'s per-attribute cost.
 
 ``copy.deepcopy`` of a torchvision model spends most of its time in Python on the modules
 themselves (every hook table, every flag, through ``__reduce_ex__``), not on the tensors: on
@@ -18,13 +17,7 @@ import types
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
-
-try:  # lazy code generation; a private torch module, so fall back to plain GraphModules
-    from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
-except ImportError:  # pragma: no cover
-    _LazyGraphModule = None
 
 # Shared as they are (deepcopy shares functions and classes too).
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size,
@@ -87,13 +80,3 @@ def copy_module(module: nn.Module) -> nn.Module:
     """An independent copy of ``module`` (as ``copy.deepcopy``, several times faster)."""
     return clone_tree(module, lambda t: t.detach().clone())
 
-
-def graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """``fx.GraphModule(root, graph, class_name)`` that writes and compiles its Python code on its
-    first call (or ``.code``), not now: a pass edits its working copy's graph before the code
-    matters, and code generation costs about a third of an eager forward of mobilenet_v2. Hand
-    it out only after ``passes.sharing.materialize``: on its first call a lazy module writes its
-    code and calls itself again, which runs forward hooks twice."""
-    if _LazyGraphModule is None:  # pragma: no cover
-        return fx.GraphModule(root, graph, class_name)
-    return _make_graph_module(root, graph, class_name, graph_module_cls=_LazyGraphModule)

@@ -44,7 +44,7 @@ from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, remove_dead_branches
 from fxprune.decision import Decision
 from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
-from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy, unshare
+from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, structural_copy, unshare
 from fxprune.passes.verify import Tap, record, verify_against
 
 Alive = Callable[[np.ndarray], np.ndarray]  # channel ids -> which survive (ChannelGraph.survivors)
@@ -95,9 +95,8 @@ def _gated_name(gated: fx.GraphModule) -> dict[str, str]:
     return {node.args[0].name: node.name for node in gate_sites(gated)}
 
 
-def _absorb_layers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> list[Layer]:
+def _absorb_layers(gm: fx.GraphModule, cg: ChannelGraph, alive: Alive) -> list[Layer]:
     names = {n.name for n in gm.graph.nodes}
-    alive = cg.survivors(keep)
     return [l for l in cg.layers if l.node in names and not alive(l.in_ids).all()]
 
 
@@ -114,7 +113,7 @@ def _taps(gated: fx.GraphModule, gm: fx.GraphModule, cg: ChannelGraph, keep: dic
     folded_nodes = {n.name: n for n in gm.graph.nodes}
     taps: dict[str, Tap] = {rename.get(end.name, end.name): None for end, _ in plans}
     alive = cg.survivors(keep)
-    for layer in _absorb_layers(gm, cg, keep):
+    for layer in _absorb_layers(gm, cg, alive):
         # The input's rank from the folded graph: in the gated one it may be a gate node, which
         # records no value of its own.
         ndim = len(folded_nodes[layer.node].args[0].meta["fxprune_value"].shape)
@@ -153,7 +152,8 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
     are settled first (to a fixed point) and only then are biases changed. Returns the qualified
     names of biases this created."""
     gated_nodes = {n.name: n for n in gated.graph.nodes}
-    layers = _absorb_layers(gm, cg, keep)
+    alive = cg.survivors(keep)
+    layers = _absorb_layers(gm, cg, alive)
 
     def removed_columns(layer: Layer, alive: Alive) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Removed input positions of ``layer``, each one's value if it is a constant, and
@@ -169,9 +169,8 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
         return layer.zero_padding and layer.groups == 1 and layer.kind != "conv_transpose" and layer.module_path is not None
 
     changed = True
-    while changed:
+    while changed:  # a pass sees the keep masks as they were when it started
         changed = False
-        alive = cg.survivors(keep)  # a pass sees the keep masks as they were when it started
         for layer in layers:
             removed, const, constant = removed_columns(layer, alive)
             if not removed.size:
@@ -181,8 +180,9 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
             for gid, uid in zip(g.tolist(), u.tolist()):
                 keep[gid][uid] = changed = True
                 report.retained[gid] = f"removed channels feed a non-zero constant into '{layer.node}', which cannot absorb it exactly"
+        if changed:
+            alive = cg.survivors(keep)
     created: set[str] = set()
-    alive = cg.survivors(keep)
     for layer in layers:
         removed, const, _ = removed_columns(layer, alive)
         nonzero = (const != 0).numpy()
@@ -212,8 +212,7 @@ def _slice_params(gm: fx.GraphModule, cg: ChannelGraph, alive: Alive,
         t = getattr(owner, name, None) if owner is not None else None
         if t is None or mask.all():  # gone with a dead branch, or nothing removed
             return
-        sliced = t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0]))
-        setattr(owner, name, nn.Parameter(sliced, t.requires_grad) if isinstance(t, nn.Parameter) else sliced)
+        set_tensor(owner, name, t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0])))
 
     for (qualname, dim), ps in {**cg.param_slices, **extra}.items():
         select(qualname, dim, alive(ps.ids))

@@ -6,9 +6,9 @@ Sharing the rest keeps the traced, gated and finalized modules together within a
 parameter bytes (DESIGN: the user's model is never mutated; ours are never mutated in place).
 
 Copies are also cheap in time: modules are cloned shallowly (new attribute dicts, same tensors)
-rather than deep-copied, and a working copy generates no code until it is materialized
-(``fxprune.modcopy.graph_module``): generating Python for a graph of thousands of nodes costs
-about as much as running the model.
+rather than deep-copied (``fxprune.modcopy.clone_tree``), and a working copy generates no code
+until it is materialized: generating Python for a graph of thousands of nodes costs about as
+much as running the model.
 """
 from __future__ import annotations
 
@@ -19,7 +19,21 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.modcopy import clone_tree, graph_module
+from fxprune.modcopy import clone_tree
+
+try:  # lazy code generation; a private torch module, so fall back to plain GraphModules
+    from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
+except ImportError:  # pragma: no cover
+    _LazyGraphModule = None
+
+
+def _lazy_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` that writes its code at its first call, not
+    now: a pass edits its working copy's graph before the code matters. Hand it out only after
+    ``materialize`` (a lazy module re-enters ``__call__`` on its first run)."""
+    if _LazyGraphModule is None:  # pragma: no cover
+        return fx.GraphModule(root, graph, class_name)
+    return _make_graph_module(root, graph, class_name, graph_module_cls=_LazyGraphModule)
 
 
 def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -35,7 +49,7 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:  # plain tensor attributes (fx's constants) referenced by get_attr
         if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
             setattr(root, node.target, getattr(gm, node.target))
-    out = graph_module(root, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    out = _lazy_graph_module(root, copy.deepcopy(gm.graph), gm.__class__.__name__)
     out.meta = dict(gm.meta)
     out.training = gm.training
     return out
@@ -44,7 +58,7 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` ready to hand out: submodules its graph no longer references are dropped and its
     code is written now. A lazy module writes its code inside its first call and then calls
-    itself again, so a forward hook on it (DSA samples its masks in one) would fire twice."""
+    itself again, so a forward hook on it would fire twice."""
     gm.delete_all_unused_submodules()
     realize = getattr(gm, "real_recompile", None)
     (realize or gm.recompile)()
@@ -57,13 +71,17 @@ def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
     return getattr(module.get_submodule(path), name)
 
 
-def replace_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
-    """Put ``value`` where ``qualname`` is, never writing the old tensor (it may be shared); a
+def set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` at ``owner.name``, never writing the old tensor (it may be shared); a
     parameter stays a parameter with its ``requires_grad``."""
-    path, _, name = qualname.rpartition(".")
-    owner = module.get_submodule(path)
     old = getattr(owner, name)
     setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def replace_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
+    """``set_tensor`` by qualified name."""
+    path, _, name = qualname.rpartition(".")
+    set_tensor(module.get_submodule(path), name, value)
 
 
 def unshare(new: torch.nn.Module, old: torch.nn.Module) -> None:

@@ -392,9 +392,9 @@ def test_analysis_invariants(net):
     assert not out.prunable and "output" in out.reason
 
 
-def test_survivors_table_agrees_with_kept_positions():
-    """``ChannelGraph.survivors`` (one table per decision, what finalize uses) and
-    ``kept_positions`` (one lookup per call) answer the same for every id array the graph holds."""
+def test_survivors_table_agrees_with_a_per_channel_lookup():
+    """``ChannelGraph.survivors`` (one table per decision, what finalize uses) answers, for every
+    id array the graph holds, what locating each channel's unit in the decision answers."""
     import torchvision
 
     model = torchvision.models.densenet121(weights=None).eval()  # concat: ids of many groups per array
@@ -405,5 +405,7 @@ def test_survivors_table_agrees_with_kept_positions():
     arrays = [ps.ids for ps in cg.param_slices.values()] + [l.in_ids for l in cg.layers] + [l.out_ids for l in cg.layers]
     arrays.append(np.array([-1, 0, -1], dtype=np.int64))  # untracked ids survive
     for ids in arrays:
-        assert np.array_equal(alive(ids), cg.kept_positions(ids, keep))
+        expected = [cid < 0 or bool(keep[cg.units.locate(int(cid))[0]][cg.units.locate(int(cid))[1]]) for cid in ids]
+        assert np.array_equal(alive(ids), np.array(expected, dtype=bool))
+        assert np.array_equal(cg.kept_positions(ids, keep), alive(ids))
     assert not all(alive(ids).all() for ids in arrays)
