@@ -32,7 +32,7 @@ from torch.fx.node import map_aggregate
 from fxprune import rules as _rules  # noqa: F401  (registers fxprune's own op rules)
 from fxprune.errors import AnalysisError
 from fxprune.ir import (
-    ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable,
+    ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )
 from fxprune.rules.base import Category, arg, op_name, rule_for
 from fxprune.tracing import TensorMeta
@@ -319,7 +319,8 @@ class Walk:
         coupling = nx.relabel_nodes(coupling, {i: s for i, s in enumerate(self.spaces)})
         node_maps = {n.name: v for n, v in self.env.items() if v is not None and not isinstance(v, SizeOf)}
         return ChannelGraph(groups, units, self.layers, self.param_slices, node_maps, coupling, reasons,
-                            channel_sizes=dict(self.channel_sizes), size_uses=set(self.size_uses))
+                            channel_sizes=dict(self.channel_sizes), size_uses=set(self.size_uses),
+                            source={n.name: node_signature(n) for n in self.gm.graph.nodes})
 
 
 def bypassed_groups(gm: fx.GraphModule, cg: ChannelGraph) -> set[int]:

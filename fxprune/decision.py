@@ -30,11 +30,14 @@ class Decision:
         removed from a group that is not prunable."""
         unknown = sorted(set(self.keep) - {g.id for g in cg.groups})
         if unknown:
-            raise ConfigError(f"Decision names groups {unknown} that this channel graph does not have")
+            raise ConfigError(f"Decision names groups {unknown} that this channel graph does not have (its groups: "
+                              f"0..{len(cg.groups) - 1}); build the Decision from the graph you finalize with "
+                              "(graph.prunable_groups)")
         keep = cg.keep_masks({gid: np.asarray(m, dtype=bool) for gid, m in self.keep.items()})
         for g in cg.groups:
             if not g.prunable and not keep[g.id].all():
-                raise ConfigError(f"Decision removes units of group {g.id}, which is not prunable: {g.reason}")
+                raise ConfigError(f"Decision removes units of group {g.id}, which is not prunable ({g.reason}); "
+                                  "keep every unit of it, or decide only over graph.prunable_groups")
         for gid, s in self.scale.items():
             if gid not in keep or tuple(s.shape) != (cg.group(gid).size,):
                 raise ConfigError(f"Decision scale of group {gid} has shape {tuple(s.shape)}; "

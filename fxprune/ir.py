@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator
 
 import networkx as nx
 import numpy as np
+import torch.fx as fx
+
+from fxprune.errors import AnalysisError, ConfigError
 
 
 @dataclass
@@ -174,6 +177,13 @@ class UnitTable:
         return np.where(tracked, self.group_of[safe], -1), np.where(tracked, self.unit_of[safe], -1)
 
 
+def node_signature(node: fx.Node) -> str:
+    """``op:target:shape`` of a traced node (the shape of its tensor value, where it has one)."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    shape = getattr(node.meta.get("fxprune_value"), "shape", "")
+    return f"{node.op}:{target}:{tuple(shape) if shape != '' else ''}"
+
+
 @dataclass
 class ChannelGraph:
     """The result of ``fxprune.analyze``: groups, the slices they own, and per-node maps."""
@@ -188,6 +198,19 @@ class ChannelGraph:
     # node name -> the SizeOf of an integer (tuple) node that reads a tracked channel extent
     channel_sizes: dict[str, SizeOf] = field(default_factory=dict)
     size_uses: set[str] = field(default_factory=set)  # nodes (not size arithmetic) that consume one
+    # node name -> "op:target" of the traced graph analysed: a graph from another module is refused
+    source: dict[str, str] = field(default_factory=dict)
+
+    def check_source(self, gm: fx.GraphModule, where: str) -> None:
+        """Raise ``AnalysisError`` unless ``gm`` holds the nodes this graph was computed from (a
+        gated copy does: gates only add nodes). Names alone can agree by chance across modules
+        (``fx`` names nodes after their modules), so op and target are compared too."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        wrong = [name for name, sig in self.source.items() if name not in nodes or node_signature(nodes[name]) != sig]
+        if wrong:
+            raise AnalysisError(f"{where}: the channel graph was computed from another module (its nodes {wrong[:3]} "
+                                "are not in this module, or are other ops); pass the channel graph that fxprune.analyze "
+                                "returned for it")
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -197,12 +220,14 @@ class ChannelGraph:
         return self.groups[gid]
 
     def keep_masks(self, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Complete a partial ``{group: bool[size]}`` decision: unlisted groups keep everything."""
+        """Complete a partial ``{group: bool[size]}`` decision: unlisted groups keep everything.
+        Raises ``ConfigError`` for a mask of the wrong size."""
         out = {}
         for g in self.groups:
             mask = np.ones(g.size, dtype=bool) if g.id not in keep else np.asarray(keep[g.id], bool)
             if mask.shape != (g.size,):
-                raise ValueError(f"keep mask of group {g.id} has shape {mask.shape}, expected ({g.size},)")
+                raise ConfigError(f"keep mask of group {g.id} has shape {mask.shape}, expected ({g.size},): one "
+                                  "entry per unit of the group (ChannelGroup.size)")
             out[g.id] = mask
         return out
 

@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_arg
 
+from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, Layer, ParamSlice, SizeOf
 from fxprune.rules import Rewrite, rule_for
 from fxprune.rules.base import REGISTRY
@@ -293,14 +294,19 @@ def finalize(
 
     Without a decision, ``module`` is a gated module and its gates are the decision (units at
     exactly 0 go, the other values are folded). The result is checked against the module that
-    computes the decision (``module`` itself, or ``apply_decision(module, ...)``): raises
+    computes the decision (``module`` itself, or ``apply_decision(module, ...)``). Raises
     ``EquivalenceError`` if they differ on the example inputs recorded by ``fxprune.trace``
     (relative tolerance ``rtol`` on the largest output value), if either output holds NaN/Inf,
     or if the finalized module fails to run (naming the node); ``ConfigError`` for a decision
-    that does not fit ``channel_graph``.
+    that does not fit ``channel_graph`` or a module ``fxprune.trace`` did not make;
+    ``AnalysisError`` for a channel graph computed from another module.
     """
     report = report if report is not None else FinalizeReport()
     cg = channel_graph
+    if not isinstance(module, fx.GraphModule) or "fxprune_example_inputs" not in module.meta:
+        raise ConfigError(f"passes.finalize expects a module made by fxprune.trace (or a gated copy of one), got "
+                          f"{type(module).__name__} without its example inputs; trace the model with fxprune.trace")
+    cg.check_source(module, "passes.finalize")
     if decision is not None:
         decision = decision.complete(cg)
     gated = module if decision is None else apply_decision(module, cg, decision)

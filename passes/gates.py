@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.decision import Decision
-from fxprune.errors import AnalysisError
+from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, ChannelGroup
 from fxprune.rules.base import gate_anchor
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy
@@ -70,12 +70,9 @@ def insert_gates(
     gated = structural_copy(gm)
     container = nn.Module()
     gated.add_submodule(GATE_ROOT, container)
+    channel_graph.check_source(gm, "insert_gates")
     nodes = {n.name: n for n in gated.graph.nodes}
     modules = dict(gated.named_modules())
-    missing = sorted({s.node for g in channel_graph.prunable_groups for s in g.sites} - set(nodes))
-    if missing:
-        raise AnalysisError(f"insert_gates: the channel graph names nodes {missing[:3]} that are not in this "
-                            "module; pass the channel graph that fxprune.analyze returned for it")
     gates: dict[int, Gate] = {}
     for group in channel_graph.prunable_groups:
         if groups is not None and group.id not in groups:
@@ -100,7 +97,8 @@ def insert_gates(
 
 def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
     """The decision a gated module holds: units whose gate value is exactly 0 are removed, the
-    others keep their gate value as a scale to fold."""
+    others keep their gate value as a scale to fold. Raises ``ConfigError`` when a gate does not
+    fit its group in ``channel_graph`` (a graph from another module)."""
     scale: dict[int, torch.Tensor] = {}
     for node in gate_sites(gated):
         gate = gated.get_submodule(node.target)
@@ -110,7 +108,8 @@ def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
 
 
 def strip_gates(gated: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gated`` without its gates (sharing its parameters): the traced model again."""
+    """A copy of ``gated`` without its gates (sharing its parameters): the traced model again.
+    Raises nothing of its own; a module without gates comes back as a copy."""
     plain = structural_copy(gated)
     for node in gate_sites(plain):
         anchor, index, _ = node.args
@@ -126,13 +125,22 @@ def strip_gates(gated: fx.GraphModule) -> fx.GraphModule:
 def apply_decision(module: fx.GraphModule, channel_graph: ChannelGraph, decision: Decision) -> fx.GraphModule:
     """A gated copy of ``module`` (its own gates stripped) that computes what ``decision`` means:
     every gate holds the decision's scale where a unit is kept and 0 where it is removed, and
-    masked weights hold exact zeros. Finalize checks the pruned module against this one."""
+    masked weights hold exact zeros. Finalize checks the pruned module against this one.
+    Raises ``AnalysisError`` for a channel graph of another module (``insert_gates``) and
+    ``ConfigError`` for a weight mask that names no tensor of ``module``."""
     plain = strip_gates(module) if gate_sites(module) else module
     gated, gates = insert_gates(plain, channel_graph)
     with torch.no_grad():
         for gid, gate in gates.items():
             gate.weight.copy_(decision.gate_values(gid, gate.weight.numel()))
     for qualname, mask in decision.weight_masks.items():
-        old = get_tensor(gated, qualname).detach()
+        try:
+            old = get_tensor(gated, qualname).detach()
+        except AttributeError:
+            raise ConfigError(f"Decision weight mask {qualname!r} names no parameter of the module; use names from "
+                              "module.named_parameters()") from None
+        if tuple(mask.shape) != tuple(old.shape):
+            raise ConfigError(f"Decision weight mask {qualname!r} has shape {tuple(mask.shape)}, the parameter "
+                              f"{tuple(old.shape)}")
         replace_tensor(gated, qualname, old * mask.to(old.dtype))
     return gated
