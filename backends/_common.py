@@ -13,21 +13,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune import checks
 from fxprune.errors import ConfigError, ExportError
 
 
-def as_input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Example inputs as a tuple of tensors (a single tensor is accepted for convenience)."""
-    if example_inputs is None:
-        raise ConfigError("example_inputs is required: pass a tensor or a tuple of tensors, "
-                          "e.g. example_inputs=(torch.randn(1, 3, 224, 224),)")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs)
+def as_input_tuple(example_inputs: Any, where: str = "fxprune.export") -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (a single tensor is accepted for convenience); what
+    ``fxprune.checks.example_inputs`` refuses is refused here too, and every input must be a tensor."""
+    inputs = checks.example_inputs(example_inputs, where)
     for i, t in enumerate(inputs):
         if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"example_inputs[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+            raise ConfigError(f"{where}: example_inputs[{i}] is a {type(t).__name__}, expected a torch.Tensor")
     return inputs
+
+
+def reference_outputs(model: nn.Module, inputs: Sequence[torch.Tensor], where: str) -> list[np.ndarray]:
+    """``torch_outputs``, with a model that cannot run on the inputs reported as the inputs' fault."""
+    try:
+        return torch_outputs(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on these inputs
+        raise ConfigError(f"{where}: {type(model).__name__} fails on example_inputs of shapes "
+                          f"{[tuple(t.shape) for t in inputs]} ({type(exc).__name__}: {exc}); pass inputs the "
+                          "model accepts, e.g. the ones it was pruned with") from exc
 
 
 def with_batch(inputs: Sequence[torch.Tensor], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

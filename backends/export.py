@@ -6,8 +6,10 @@ from typing import Any
 
 from torch import nn
 
+from fxprune import checks
 from fxprune.errors import ConfigError
 
+from ._common import as_input_tuple
 from .onnx import ExportResult, export_onnx
 
 EXPORT_BACKENDS = ("onnx", "tensorrt")
@@ -21,11 +23,18 @@ def export(model: nn.Module, path: str | os.PathLike, backend: str = "onnx",
     backend="onnx": one self-contained .onnx file checked in ONNX Runtime (CPU).
     backend="tensorrt": an engine built from the ONNX file (saved next to it), checked on the GPU.
     Extra keywords go to export_onnx / export_tensorrt (opset, rtol, atol, max_batch, ...).
+    The file appears at `path` only once it passed its check (an older file there stays until then).
+
+    Checked before anything is written. Raises ``ConfigError`` (unknown backend, not a module —
+    e.g. a CompileResult instead of ``result.model`` —, missing or bad example inputs, inputs
+    the model fails on, a path that cannot be written), ``BackendUnavailable`` (TensorRT or
+    CUDA missing); then ``ExportError`` when the artifact fails its check.
     """
     if backend not in EXPORT_BACKENDS:
         raise ConfigError(f"unknown export backend {backend!r}; valid: {', '.join(EXPORT_BACKENDS)}")
-    if example_inputs is None:
-        raise ConfigError("export needs example_inputs, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)")
+    model = checks.model(model, "fxprune.export")
+    as_input_tuple(example_inputs)
+    checks.writable_file(path, "fxprune.export")
     if backend == "onnx":
         if fp16:
             raise ConfigError("fp16=True is only supported with backend='tensorrt'; "

@@ -107,6 +107,20 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def require_backend(backend: str) -> None:
+    """Check before any work that ``backend`` is one of ``BACKENDS`` and runs here.
+
+    Raises ``ConfigError`` for an unknown name, ``BackendUnavailable`` saying what is missing."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ConfigError(f"unknown latency backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "torch-cuda":
+        require_cuda(backend)
+    elif backend == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()
+
+
 def require_cuda(backend: str) -> None:
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
@@ -173,8 +187,7 @@ def _prepare(model_or_path: nn.Module | str | os.PathLike, backend: str, example
              input_shape: Any, batch_size: int, threads: int, compile: bool,
              fp16: bool = False) -> _Bench:
     """Build the runnable thing for one backend (exports / engines go to a temp dir)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown latency backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    require_backend(backend)
     is_path = isinstance(model_or_path, (str, os.PathLike))
     settings: dict[str, Any] = {"backend": backend, "batch_size": batch_size, "threads": threads,
                                 "compile": compile, **{f"{k}_version": v for k, v in _versions().items()}}
@@ -190,8 +203,6 @@ def _prepare(model_or_path: nn.Module | str | os.PathLike, backend: str, example
         if is_path:
             raise ConfigError(f"backend {backend!r} needs an nn.Module, got the path {model_or_path}")
         device = "cuda" if backend == "torch-cuda" else "cpu"
-        if device == "cuda":
-            require_cuda(backend)
         model = eval_copy(model_or_path).to(device)
         runnable = torch.compile(model) if compile else model
         inputs = tuple(t.to(device) for t in _make_inputs(example_inputs, input_shape, batch_size))
@@ -287,6 +298,7 @@ def measure_latency(model_or_path: nn.Module | str | os.PathLike, backend: str =
     `model_or_path`: an nn.Module, or an .onnx file (onnxruntime, tensorrt) or a serialized
     engine (tensorrt). `input_shape` is one sample's shape without the batch dim.
     `example_inputs` are resized to `batch_size` by repeating rows. `fp16` is TensorRT only.
+    Raises ``ConfigError``, ``BackendUnavailable`` and ``ExportError`` as ``compare_latency``.
     """
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
@@ -312,6 +324,9 @@ def compare_latency(dense: nn.Module | str | os.PathLike, pruned: nn.Module | st
     Each round runs `repeats` timed inferences per model (after `warmup` once at the start
     and two re-warming runs per later round, since the other model evicted the caches).
     speedup is the median over rounds of dense_median / pruned_median.
+    Raises ``ConfigError`` (unknown backend, rounds or repeats < 1, no inputs),
+    ``BackendUnavailable`` (CUDA / TensorRT missing), ``ExportError`` (a model that cannot be
+    exported for ONNX Runtime or TensorRT).
     """
     if rounds < 1 or repeats < 1:
         raise ConfigError(f"rounds and repeats must be >= 1, got {rounds}, {repeats}")

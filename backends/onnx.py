@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from fxprune.errors import ConfigError, ExportError
+from fxprune.files import atomic_path
 
-from ._common import as_input_tuple, compare, eval_copy, io_names, torch_outputs, with_batch
+from ._common import as_input_tuple, compare, eval_copy, io_names, reference_outputs, torch_outputs, with_batch
 
 _TWO_GB = 2 * 1024**3 - 64 * 1024**2  # protobuf's hard limit, with headroom for the graph itself
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -100,8 +101,8 @@ def export_raw(model: nn.Module, path: str | os.PathLike, example_inputs: Any, *
         raise ConfigError(f"unknown ONNX exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
     inputs = as_input_tuple(example_inputs)
     path = Path(path)
+    n_out = len(reference_outputs(model, inputs, "fxprune.export"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_out = len(torch_outputs(model, inputs))
     in_names, out_names = io_names(len(inputs), "input"), io_names(n_out, "output")
     external = _model_bytes(model) > _TWO_GB
 
@@ -166,8 +167,9 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: Any
                   atol: float = 1e-4) -> tuple[float, float]:
     """Run the ONNX file in ONNX Runtime and compare with `model` (on an eval copy).
 
-    `batch_sizes` defaults to the example batch only. Returns (max abs diff, max rel diff);
-    raises ExportError when the file is invalid or an output is out of tolerance.
+    `batch_sizes` defaults to the example batch only. Returns (max abs diff, max rel diff).
+    Raises ``ExportError`` when the file is invalid or an output is out of tolerance,
+    ``ConfigError`` for bad example inputs.
     """
     check_onnx_file(path)
     session = ort_session(path)
@@ -198,17 +200,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any,
                 atol: float = 1e-4, exporter: str = "auto") -> ExportResult:
     """Export `model` to one self-contained ONNX file and validate it in ONNX Runtime.
 
-    The model is deep-copied and put in eval mode; the user's module is untouched.
+    The model is deep-copied and put in eval mode; the user's module is untouched. The file is
+    written under a temporary name and renamed to `path` only after it passed validation.
+    Raises ``ConfigError`` (bad inputs, or inputs the model fails on) and ``ExportError``.
     """
     start = time.perf_counter()
     inputs = as_input_tuple(example_inputs)
     work = eval_copy(model)
-    used, in_names, out_names = export_raw(work, path, inputs, dynamic_batch=dynamic_batch,
-                                           opset=opset, exporter=exporter)
     b0 = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     sizes = [b0] + ([3 if b0 == 2 else 2] if dynamic_batch and inputs[0].dim() else [])
-    max_abs, max_rel = validate_onnx(path, work, inputs, batch_sizes=sizes, rtol=rtol, atol=atol)
-    proto = check_onnx_file(path)
+    with atomic_path(path) as tmp:
+        used, in_names, out_names = export_raw(work, tmp, inputs, dynamic_batch=dynamic_batch,
+                                               opset=opset, exporter=exporter)
+        max_abs, max_rel = validate_onnx(tmp, work, inputs, batch_sizes=sizes, rtol=rtol, atol=atol)
+        proto = check_onnx_file(tmp)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return ExportResult(path=str(path), backend="onnx", max_abs_diff=max_abs, max_rel_diff=max_rel,
                         opset=opset_used, input_names=in_names, output_names=out_names,

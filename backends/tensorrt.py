@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import BackendUnavailable, ExportError
+from fxprune.files import atomic_path
 
 from ._common import as_input_tuple, compare, eval_copy, torch_outputs, with_batch
 from .onnx import ExportResult, check_onnx_file, export_onnx, export_raw
@@ -216,24 +217,24 @@ def export_tensorrt(model: nn.Module, path: str | os.PathLike, example_inputs: A
     proto = check_onnx_file(onnx_path)
     in_names = [i.name for i in proto.graph.input
                 if i.name not in {init.name for init in proto.graph.initializer}]
-    build_engine(onnx_path, path, {n: tuple(t.shape) for n, t in zip(in_names, inputs)},
-                 fp16_flag=fp16 and not fp16_onnx, strongly_typed=fp16_onnx,
-                 max_batch=max_batch, workspace_bytes=workspace_bytes)
-
-    runner = TrtRunner(path)  # load back what was saved: that is what users will deploy
     rtol = rtol if rtol is not None else (5e-2 if fp16 else 1e-2)
     atol = atol if atol is not None else (5e-2 if fp16 else 1e-2)
     b0 = int(inputs[0].shape[0]) if inputs[0].dim() else 1
     sizes = [b0] + ([3 if b0 == 2 else 2] if dynamic_batch and inputs[0].dim() else [])
     max_abs = max_rel = 0.0
-    for b in sizes:
-        x = with_batch(inputs, b) if b != b0 else inputs
-        ref = torch_outputs(work, x)
-        got = [o.float().cpu().numpy() for o in runner(*x)]
-        scale = max([1.0] + [float(np.abs(r).max()) for r in ref if r.size])
-        a, r = compare(ref, got, runner.output_names, rtol, atol * scale,
-                       f"TensorRT engine {path.name} (batch {b}, {'fp16' if fp16 else 'fp32'})")
-        max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+    with atomic_path(path) as tmp:  # the engine appears at `path` only once it passed its check
+        build_engine(onnx_path, tmp, {n: tuple(t.shape) for n, t in zip(in_names, inputs)},
+                     fp16_flag=fp16 and not fp16_onnx, strongly_typed=fp16_onnx,
+                     max_batch=max_batch, workspace_bytes=workspace_bytes)
+        runner = TrtRunner(tmp)  # load back what was saved: that is what users will deploy
+        for b in sizes:
+            x = with_batch(inputs, b) if b != b0 else inputs
+            ref = torch_outputs(work, x)
+            got = [o.float().cpu().numpy() for o in runner(*x)]
+            scale = max([1.0] + [float(np.abs(r).max()) for r in ref if r.size])
+            a, r = compare(ref, got, runner.output_names, rtol, atol * scale,
+                           f"TensorRT engine {path.name} (batch {b}, {'fp16' if fp16 else 'fp32'})")
+            max_abs, max_rel = max(max_abs, a), max(max_rel, r)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return ExportResult(path=str(path), backend="tensorrt", max_abs_diff=max_abs,
                         max_rel_diff=max_rel, opset=opset_used, input_names=runner.input_names,

@@ -57,6 +57,7 @@ from typing import IO, Any
 import torch
 import torchvision
 
+from fxprune.files import write_atomic
 from zoo_common import PHASES, input_size, proc_status
 
 HERE = Path(__file__).resolve().parent
@@ -397,14 +398,6 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], config: dict[str,
     ]
     sections = [spine_table(rows), time_table(rows), tp_table(rows), memory_table(rows)]
     return "\n".join(header + [line for s in sections if s for line in s + [""]])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as f:
-        f.write(text)
-    os.chmod(f.name, 0o644)  # a temporary file is private; a result file is not
-    os.replace(f.name, path)
 
 
 # ---- command line ----------------------------------------------------------------------------

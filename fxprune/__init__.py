@@ -33,7 +33,9 @@ def __getattr__(name: str):
 
 
 def export(model, path, backend: str = "onnx", **kwargs):
-    """Export ``model`` to ``path`` (``backend="onnx"`` or ``"tensorrt"``), validated; see fxprune.backends."""
+    """Export ``model`` to ``path`` (``backend="onnx"`` or ``"tensorrt"``), validated; see
+    ``fxprune.backends.export``. Raises ``ConfigError`` and ``BackendUnavailable`` before anything
+    is written, ``ExportError`` when the artifact fails its check."""
     from fxprune.backends import export as _export
 
     return _export(model, path, backend=backend, **kwargs)

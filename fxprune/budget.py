@@ -1,6 +1,7 @@
 """Budgets: what a pruned model may cost, as fractions of the dense model or absolute numbers."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -14,30 +15,40 @@ from fxprune.errors import BudgetError, ConfigError
 RESOURCE_OF = {"flops": "macs", "params": "params"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Budget:
     """``flops``/``params``: a fraction of the dense model (0 < f <= 1) or an absolute count (> 1).
 
     FLOPs are multiply-accumulates of conv and linear layers per example. ``round_to=N`` keeps
     every group's kept size a multiple of N (hardware-friendly widths). Each field limits one
-    resource of the cost model (``RESOURCE_OF``); raises ``ConfigError`` for a missing, non-numeric
-    or non-positive limit.
+    resource of the cost model (``RESOURCE_OF``). Raises ``ConfigError`` for a missing,
+    non-numeric, non-finite or non-positive limit and for an unknown field (``latency`` is not
+    a budget yet); ``resolve`` raises ``BudgetError``.
     """
 
-    flops: float | None = None
-    params: float | None = None
-    round_to: int = 1
+    flops: float | None
+    params: float | None
+    round_to: int
 
-    def __post_init__(self) -> None:
-        if self.flops is None and self.params is None:
+    def __init__(self, flops: float | None = None, params: float | None = None, round_to: int = 1,
+                 **unknown: object) -> None:
+        if unknown:  # a typo or a budget kind that does not exist must not be dropped silently
+            if "latency" in unknown:
+                raise ConfigError("Budget(latency=...) is not supported yet: fxprune budgets limit FLOPs (MACs) and "
+                                  "parameters; for CPU latency use Budget(flops=..., round_to=16) and measure with "
+                                  "compile(..., validate=['onnxruntime'])")
+            raise ConfigError(f"Budget has no field(s) {sorted(unknown)}; its fields: flops, params, round_to")
+        if flops is None and params is None:
             raise ConfigError("Budget needs flops=... and/or params=... (a fraction in (0, 1] or an absolute count)")
-        for name in RESOURCE_OF:
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ConfigError(f"Budget {name}={v!r}: must be a number, a fraction in (0, 1] or an absolute "
-                                  "count > 1, e.g. Budget(flops=0.5)")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ConfigError(f"Budget round_to={self.round_to!r} must be an int >= 1")
+        for name, v in (("flops", flops), ("params", params)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise ConfigError(f"Budget {name}={v!r}: must be a finite number, a fraction in (0, 1] or an "
+                                  "absolute count > 1, e.g. Budget(flops=0.5)")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"Budget round_to={round_to!r} must be an int >= 1")
+        object.__setattr__(self, "flops", flops)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "round_to", round_to)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +131,7 @@ def allocate(cost: CostModel, targets: Targets, scores: dict[int, np.ndarray]) -
     Scores are comparable across groups (the caller normalises them). Groups keep at least one
     ``round_to``-wide unit and a multiple of ``round_to`` units. Binary search over how many of
     the globally sorted units to remove: cost is monotone in that number.
+    Raises ``BudgetError`` when even every group at its minimum width misses ``targets``.
     """
     order = sorted(((float(s), gid, u) for gid, arr in scores.items() for u, s in enumerate(arr)))
     sizes = {gid: len(arr) for gid, arr in scores.items()}

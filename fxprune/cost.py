@@ -118,7 +118,8 @@ class CostModel:
 
 
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
-    """Measured MACs per example of a (pruned or dense) model: trace it and count every layer."""
+    """Measured MACs per example of a (pruned or dense) model: trace it and count every layer.
+    Raises what ``fxprune.trace`` raises (``ConfigError``, ``TraceError``)."""
     from fxprune.analysis import analyze
     from fxprune.tracing import trace
 

@@ -233,6 +233,7 @@ def digits_loaders(
     batches (seeded by ``seed``), the only randomness drawn per epoch. ``validation > 0``
     holds that fraction of the training split out (stratified) and returns it as ``test``:
     the test split is then never read, which is how a method's defaults are chosen.
+    Raises ``ConfigError`` for an unknown variant or an out-of-range argument.
     """
     if variant not in DATASETS:
         raise ConfigError(f"unknown dataset variant {variant!r}; choose one of {', '.join(DATASETS)}")

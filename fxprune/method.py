@@ -16,6 +16,7 @@ hooks it needs); ``register_method`` makes it available by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -50,6 +51,23 @@ class Context:
         return self.step / self.total_steps if self.total_steps else 0.0
 
 
+def _check_option(method: str, name: str, value: Any, default: Any) -> None:
+    """An option has its default's kind (a float option takes any finite real number): a string
+    where a number belongs would otherwise fail deep inside training, or compare silently."""
+    if default is None or default is dataclasses.MISSING:
+        return
+    kinds: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    want = kinds.get(type(default))
+    if want is None:
+        return
+    ok = isinstance(value, want) and (want == (bool,) or not isinstance(value, bool))
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise ConfigError(f"method {method!r} option {name}={value!r}: expected a {'finite ' if want[-1] is float else ''}"
+                          f"{want[-1].__name__} like its default {default!r}")
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """A method without options."""
@@ -75,6 +93,9 @@ class Method:
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ConfigError(f"method {self.name!r} has no option(s) {unknown}; its options: {sorted(fields) or 'none'}")
+        for f in dataclasses.fields(self.Options):
+            if f.name in options:
+                _check_option(self.name, f.name, options[f.name], f.default)
         self.options = self.Options(**options)
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -122,11 +143,18 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available by its ``name`` to ``prepare``/``compile``/the CLI."""
+    """Class decorator: make ``cls`` available by its ``name`` to ``prepare``/``compile``/the CLI.
+
+    Raises ``ConfigError`` for a class that is not a named ``Method`` subclass, has no ``decide``,
+    or takes a name already registered."""
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name == Method.name:
         raise ConfigError("register_method expects a Method subclass with its own name")
     if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ConfigError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+        raise ConfigError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__}); "
+                          "give yours another name")
+    if cls.decide is Method.decide:
+        raise ConfigError(f"method {cls.name!r} ({cls.__name__}) must define decide(self, ctx, data=None) -> "
+                          "fxprune.Decision: it is what finalize carries out")
     METHODS[cls.name] = cls
     return cls
 

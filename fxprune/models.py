@@ -165,7 +165,8 @@ def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
 
     Reference names win over torchvision's (``vgg11_bn`` here is the CIFAR variant).
     torchvision models are built with ``weights=None``: fxprune never downloads weights;
-    load a state dict yourself if you need pretrained ones.
+    load a state dict yourself if you need pretrained ones. Raises ``ConfigError`` for an
+    unknown name or a ``weights`` argument.
     """
     if name in REFERENCE_MODELS:
         return REFERENCE_MODELS[name](num_classes=num_classes, **kwargs)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune import checks
 from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, ChannelGroup, Layer
 from fxprune.rules.base import gate_anchor
@@ -43,7 +44,8 @@ def _producers(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup) -> Ite
 
 
 def per_filter_score(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, fn: PerFilter) -> np.ndarray:
-    """Sum over the group's producers of ``fn(filters)``, accumulated per unit."""
+    """Sum over the group's producers of ``fn(filters)``, accumulated per unit. Raises nothing of
+    its own (``gm`` and ``cg`` come from ``trace``/``analyze``, which check the model)."""
     scores = np.zeros(group.size)
     for site, layer in _producers(gm, cg, group):
         np.add.at(scores, site.units, fn(_filters(gm, layer)))
@@ -65,16 +67,17 @@ def _fpgm(w: torch.Tensor) -> np.ndarray:
 
 
 def l1(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
-    """Filter L1 norm (Li et al., ICLR 2017)."""
+    """Filter L1 norm (Li et al., ICLR 2017). Raises nothing of its own."""
     return per_filter_score(gm, cg, group, _l1)
 
 
 def l2(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
-    """Filter L2 norm."""
+    """Filter L2 norm. Raises nothing of its own."""
     return per_filter_score(gm, cg, group, _l2)
 
 
 def fpgm(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
+    """Filters far from the group's geometric median score high (``_fpgm``). Raises nothing of its own."""
     return per_filter_score(gm, cg, group, _fpgm)
 
 
@@ -82,7 +85,8 @@ def bn_scale(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: An
     """|gamma| of the norm right after each producer (network slimming, Liu et al., ICCV 2017).
 
     Producers without such a norm contribute their filter L1 norm scaled to the mean |gamma| of
-    the others; a group without any norm falls back to L1 (this library's choice)."""
+    the others; a group without any norm falls back to L1 (this library's choice).
+    Raises nothing of its own."""
     modules = dict(gm.named_modules())
     nodes = {n.name: n for n in gm.graph.nodes}
     scores, missing = np.zeros(group.size), []
@@ -102,7 +106,7 @@ def bn_scale(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: An
 
 
 def random(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None, seed: int = 0) -> np.ndarray:
-    """Uniform random scores, seeded by ``seed`` and the group id (a baseline)."""
+    """Uniform random scores, seeded by ``seed`` and the group id (a baseline). Raises nothing."""
     return np.random.default_rng([seed, group.id]).random(group.size)
 
 
@@ -110,13 +114,15 @@ def taylor(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any 
            batches: int = 4) -> np.ndarray:
     """First-order Taylor importance (Molchanov et al., CVPR 2019): |sum over examples and
     positions of activation x gradient| at each producer's output, on ``batches`` batches of the
-    loader ``data`` with a cross-entropy loss. Needs ``data``; the model's weights are not changed."""
+    loader ``data`` with a cross-entropy loss. Needs ``data``; the model's weights are not changed.
+    Raises ``ConfigError`` without data or for malformed batches (see ``fxprune.checks.batch``)."""
     return taylor_all(gm, cg, [group], data, batches)[group.id]
 
 
 def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup], data: Any,
                batches: int = 4) -> dict[int, np.ndarray]:
-    """``taylor`` for several groups with one pass over the data."""
+    """``taylor`` for several groups with one pass over the data. Raises ``ConfigError`` without
+    data or for malformed batches."""
     if data is None:
         raise ConfigError("the taylor score needs data: pass a loader of (inputs, labels) batches")
     modules = dict(gm.named_modules())
@@ -143,9 +149,10 @@ def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
     was_training = gm.training
     gm.eval()
     try:
-        for i, (x, y) in enumerate(data):
+        for i, item in enumerate(data):
             if i >= batches:
                 break
+            x, y = checks.batch(item, "the taylor score's data")
             gm.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(gm(x), y).backward()
     finally:
@@ -165,19 +172,21 @@ SCORES: dict[str, Callable[..., np.ndarray]] = {
 
 
 def score(name: str, gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
-    """Scores of ``group``'s units by criterion ``name`` (see ``SCORES``)."""
+    """Scores of ``group``'s units by criterion ``name`` (see ``SCORES``). Raises ``ConfigError``
+    for an unknown name, or what the criterion raises."""
     if name not in SCORES:
         raise ConfigError(f"unknown importance criterion {name!r}; available: {sorted(SCORES)}")
     return SCORES[name](gm, cg, group, data)
 
 
 def normalized(scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Each group's scores divided by their mean, so that groups rank against each other."""
+    """Each group's scores divided by their mean, so that groups rank against each other. Raises nothing."""
     return {gid: s / max(float(np.mean(s)), 1e-12) for gid, s in scores.items()}
 
 
 def group_scores(name: str, gm: fx.GraphModule, cg: ChannelGraph, data: Any = None) -> dict[int, np.ndarray]:
-    """Normalized scores of every prunable group (taylor: one pass over the data for all)."""
+    """Normalized scores of every prunable group (taylor: one pass over the data for all). Raises
+    ``ConfigError`` as ``score`` does."""
     groups = cg.prunable_groups
     if name == "taylor":
         return normalized(taylor_all(gm, cg, groups, data))

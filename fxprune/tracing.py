@@ -56,6 +56,7 @@ import builtins
 import inspect
 import operator
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -65,7 +66,8 @@ import torch.nn.functional as F
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.node import map_aggregate
 
-from fxprune.errors import TraceError
+from fxprune import checks
+from fxprune.errors import FxpruneWarning, TraceError
 from fxprune.modcopy import copy_module
 from fxprune.rules.base import function_target, is_registered_module
 
@@ -505,15 +507,25 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModu
 
     Returns a GraphModule whose nodes carry ``meta["fxprune_value"]``; ``gm.meta`` holds the
     example inputs (detached clones, for the equivalence check) and
-    ``fxprune_leaf_modules`` (submodules kept opaque, with the reason).
+    ``fxprune_leaf_modules`` (submodules kept opaque, with the reason). A DataParallel wrapper
+    is unwrapped; module hooks are not part of the graph (they are dropped from the copy, with
+    an ``FxpruneWarning`` naming them, and never run while tracing).
+
+    Raises ``ConfigError`` (not a module, example inputs missing / on the meta device /
+    non-finite, meta or uninitialised weights, hook-based weight or spectral norm) and
+    ``TraceError`` (the model fails on the example inputs, or its root forward branches on
+    tensor values).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"fxprune.trace expects an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    model = checks.model(model, "fxprune.trace")
+    example_inputs = checks.example_inputs(example_inputs, "fxprune.trace")
     copied = copy_module(model)
     name = type(model).__name__
+    hooks = checks.user_hooks(copied)
+    if hooks:
+        checks.drop_hooks(copied)
+        warnings.warn(f"fxprune.trace: module hooks on {', '.join(hooks)} are not part of the traced graph and did "
+                      "not run; the pruned model has none (register them again on it; modules keep their names)",
+                      FxpruneWarning, stacklevel=2)
     try:
         gm, leaves = _capture(copied, example_inputs)
     except TraceError:

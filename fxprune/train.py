@@ -8,17 +8,20 @@ data (one ``EpochLog`` per epoch) before anything is printed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fxprune.errors import ConfigError, FxpruneError
+from fxprune import checks
+from fxprune.errors import ConfigError, FxpruneError, FxpruneWarning
 
 __all__ = ["EpochLog", "evaluate", "train"]
 
@@ -73,7 +76,9 @@ def train(
     weight_decay: float = 5e-4,
     optimizer: str = "sgd",
     schedule: str = "cosine",
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
+    output: Callable[[Any], Any] | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
     extra_loss: Callable[[], Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
     after_backward: Callable[[], None] | None = None,
@@ -89,7 +94,9 @@ def train(
 ) -> list[EpochLog]:
     """Train ``model`` in place for ``epochs`` epochs and return one ``EpochLog`` per epoch.
 
-    Each step: forward, task loss (cross-entropy by default) plus ``extra_loss()``,
+    Each step: forward, ``output(outputs)`` (for a model that returns a tuple or dict: picks
+    the logits), task loss (cross-entropy on class indices by default, else ``loss_fn(logits,
+    labels)``) plus ``extra_loss()``,
     backward, ``after_backward()``, optimizer step, learning-rate step, then ``on_step(step)``
     with the 0-based index of the step just taken, counted across epochs. ``train_step(batch,
     optimizer) -> (outputs, task loss)`` replaces forward to optimizer step when given. ``schedule="cosine"``
@@ -98,14 +105,23 @@ def train(
     ``epoch_metrics()`` fills its ``extra`` (e.g. the current FLOPs of a gated model).
     The model is moved to ``device``. Seeding is the caller's job; the loop itself uses
     no nondeterministic op, so a fixed ``torch.manual_seed`` reproduces a run.
+
+    Every batch is checked before it is used (``fxprune.checks``): (inputs, labels) pairs of
+    tensors, inputs shaped like ``example_inputs`` when given, class labels within the model's
+    outputs. Raises ``ConfigError`` naming the loader and the problem (also for a batch of one
+    that BatchNorm cannot train on: use ``drop_last=True``), and ``FxpruneError`` when the loss
+    becomes NaN/Inf.
     """
-    if not isinstance(epochs, int) or epochs < 0:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"epochs must be a non-negative int, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
     if schedule not in ("cosine", "constant"):
         raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ConfigError("the training loader yields no batches")
+        raise ConfigError("the training loader yields no batches; check its dataset (empty?) and drop_last with a "
+                          "batch_size larger than the dataset")
     if epochs == 0:
         return []
     model.to(device)
@@ -119,6 +135,8 @@ def train(
         else None
     )
     criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    where = f"{desc}: the training loader"
+    _warn_single_example_batch(model, loader, where)
 
     logs: list[EpochLog] = []
     step = 0
@@ -128,14 +146,22 @@ def train(
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for inputs, targets in bar:
+        for item in bar:
+            inputs, targets = checks.batch(item, where)
+            if step == 0 and example_inputs is not None:
+                checks.batch_matches(inputs, example_inputs, where)
             inputs, targets = inputs.to(device), targets.to(device)
             if train_step is not None:
-                outputs, task_loss = train_step((inputs, targets), opt)
+                with _single_example_batch(inputs, where):
+                    outputs, task_loss = train_step((inputs, targets), opt)
+                outputs = _logits(outputs, output, loss_fn, where)
                 loss = task_loss
             else:
                 opt.zero_grad(set_to_none=True)
-                outputs = model(inputs)
+                with _single_example_batch(inputs, where):
+                    outputs = _logits(model(inputs), output, loss_fn, where)
+                if loss_fn is None:
+                    checks.class_labels(outputs, targets, where)
                 task_loss = criterion(outputs, targets)
                 loss = task_loss + extra_loss() if extra_loss is not None else task_loss
             loss_value = loss.item()
@@ -156,7 +182,7 @@ def train(
             step += 1
             batch = targets.shape[0]
             loss_sum += task_loss.item() * batch
-            correct += int((outputs.argmax(dim=1) == targets).sum())
+            correct += _correct(outputs, targets)
             seen += batch
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
@@ -165,7 +191,7 @@ def train(
             epoch=epoch,
             train_loss=loss_sum / seen,
             train_acc=correct / seen,
-            eval_acc=evaluate(model, eval_loader, device) if eval_loader is not None else None,
+            eval_acc=evaluate(model, eval_loader, device, output=output) if eval_loader is not None else None,
             seconds=seconds,
             lr=epoch_lr,
             extra=epoch_metrics() if epoch_metrics is not None else {},
@@ -177,20 +203,70 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu",
+             output: Callable[[Any], Any] | None = None) -> float:
     """Top-1 accuracy in [0, 1] in eval mode; the model's previous train/eval mode is restored,
-    so evaluating between training epochs does not leave BN layers frozen."""
+    so evaluating between training epochs does not leave BN layers frozen. ``output`` picks the
+    logits from a model that returns a tuple or dict. Raises ``ConfigError`` for a loader that
+    yields no samples or malformed batches, and for labels outside the model's classes."""
     was_training = model.training
     model.to(device)
     model.eval()
+    where = "the evaluation loader"
     try:
         correct, seen = 0, 0
-        for inputs, targets in loader:
-            outputs = model(inputs.to(device))
-            correct += int((outputs.argmax(dim=1) == targets.to(device)).sum())
+        for item in loader:
+            inputs, targets = checks.batch(item, where)
+            outputs = _logits(model(inputs.to(device)), output, None, where)
+            targets = targets.to(device)
+            checks.class_labels(outputs, targets, where)
+            correct += _correct(outputs, targets)
             seen += targets.shape[0]
     finally:
         model.train(was_training)
     if seen == 0:
         raise ConfigError("the evaluation loader yields no samples")
     return correct / seen
+
+
+def _logits(outputs: Any, output: Callable[[Any], Any] | None, loss_fn: Callable | None, where: str) -> Any:
+    """What the loss and accuracy read: ``output(outputs)``, or the outputs themselves, which must
+    be a tensor unless a ``loss_fn`` takes them as they are."""
+    if output is not None:
+        outputs = output(outputs)
+    if loss_fn is None and not isinstance(outputs, Tensor):
+        raise ConfigError(f"{where}: the model returns a {type(outputs).__name__}, not a tensor of logits; pass "
+                          "output=... to pick the logits (e.g. output=lambda out: out[0] or out['logits']), "
+                          "or loss_fn=... that takes the outputs as they are")
+    return outputs
+
+
+def _correct(logits: Any, labels: Tensor) -> int:
+    """Top-1 hits where the outputs are class scores for class-index labels, else 0."""
+    if isinstance(logits, Tensor) and logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
+        return int((logits.argmax(dim=1) == labels).sum())
+    return 0
+
+
+def _warn_single_example_batch(model: nn.Module, loader: DataLoader, where: str) -> None:
+    """A last batch of one example gives BatchNorm no batch statistics (BatchNorm1d refuses it)."""
+    size, dataset = getattr(loader, "batch_size", None), getattr(loader, "dataset", None)
+    if not size or getattr(loader, "drop_last", True) or not hasattr(dataset, "__len__"):
+        return
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and size > 1 and len(dataset) % size == 1:
+        warnings.warn(f"{where}: the last batch of every epoch holds one example ({len(dataset)} examples, "
+                      f"batch_size={size}); BatchNorm learns nothing sound from it: pass drop_last=True to the "
+                      "DataLoader", FxpruneWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _single_example_batch(inputs: Tensor, where: str) -> Iterator[None]:
+    """Turns BatchNorm's refusal of a one-example batch into an error that says what to do."""
+    try:
+        yield
+    except ValueError as exc:
+        if inputs.dim() and inputs.shape[0] == 1 and "more than 1 value per channel" in str(exc):
+            raise ConfigError(f"{where} gave a batch of one example, which BatchNorm cannot normalise in training "
+                              f"({exc}); pass drop_last=True to the DataLoader") from exc
+        raise

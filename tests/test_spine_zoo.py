@@ -325,7 +325,7 @@ def test_untraceable_submodule_becomes_an_opaque_leaf():
 
 
 def test_trace_rejects_non_modules_and_bad_inputs():
-    with pytest.raises(fxprune.TraceError):
+    with pytest.raises(fxprune.ConfigError, match="expects an nn.Module, got function"):
         fxprune.trace(lambda x: x, (torch.randn(1),))
     with pytest.raises(fxprune.TraceError, match="example inputs"):
         fxprune.trace(nn.Conv2d(3, 4, 3), (torch.randn(1, 5, 8, 8),))

@@ -5,11 +5,10 @@ This layer sits above the core (``fxprune.ir``, ``analysis``, ``cost``, ``budget
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,22 +18,34 @@ from fxprune.analysis import analyze
 from fxprune.budget import Budget, Targets
 from fxprune.cost import CostModel, count_macs
 from fxprune.decision import Decision
+from fxprune import checks
 from fxprune.errors import BudgetError, ConfigError
 from fxprune.ir import ChannelGraph
+from fxprune.modcopy import copy_module
 from fxprune.method import METHODS, Context, Method
 from fxprune.passes.finalize import FinalizeReport
 from fxprune.passes.finalize import finalize as finalize_pass
 from fxprune.tracing import trace
 
 
+def _check_budget(budget: Any, where: str) -> None:
+    if budget is None:
+        raise ConfigError(f"{where} needs a budget, e.g. fxprune.Budget(flops=0.5)")
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"{where}: budget must be an fxprune.Budget, got {type(budget).__name__} ({budget!r}); "
+                          "e.g. fxprune.Budget(flops=0.5)")
+
+
 def get_method(method: str | Method, **options: Any) -> Method:
-    """A method instance from its registered name (``fxprune.method.METHODS``) or an instance."""
+    """A method instance from its registered name (``fxprune.method.METHODS``) or an instance.
+
+    Raises ``ConfigError`` for an unknown name or option, and for options beside an instance."""
     if isinstance(method, Method):
         if options:
             raise ConfigError("pass options to the method's constructor, not beside an instance")
         return method
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)} (or a fxprune.Method instance)")
     return METHODS[method](**options)
 
 
@@ -52,6 +63,7 @@ class Prepared:
     ctx: Context
     finalize_report: FinalizeReport | None = None
     decision: Decision | None = None
+    measured: dict[str, int] | None = None  # the finalized module's MACs and parameters, counted
 
     @property
     def module(self) -> fx.GraphModule:
@@ -117,21 +129,18 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     """Trace and analyze ``model`` (a copy), resolve ``budget`` and let the method prepare.
 
     Raises ``ConfigError`` (missing budget or inputs, unknown method or option, a method that
-    schedules over the run without ``total_steps``), ``TraceError``, ``BudgetError``.
+    schedules over the run without ``total_steps``, NaN/Inf weights or inputs, and what
+    ``trace`` refuses), ``TraceError``, ``BudgetError`` (a budget below what the unprunable
+    layers cost).
     """
-    if budget is None:
-        raise ConfigError("prepare needs a budget, e.g. fxprune.Budget(flops=0.5)")
-    if not isinstance(budget, Budget):
-        raise ConfigError(f"budget must be an fxprune.Budget, got {type(budget).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not example_inputs:
-        raise ConfigError("prepare needs example_inputs, e.g. (torch.randn(1, 3, 32, 32),)")
+    _check_budget(budget, "fxprune.prepare")
+    example_inputs = checks.example_inputs(example_inputs, "fxprune.prepare")
     m = get_method(method, **method_options)
     if m.needs_total_steps and not total_steps:
         raise ConfigError(f"{m.name} needs total_steps (the number of optimizer steps you will train) for its "
                           "schedules: fxprune.prepare(..., total_steps=epochs * len(loader))")
     gm = trace(model, example_inputs)
+    checks.finite_state(gm, "fxprune.prepare")
     cg = analyze(gm)
     cost = CostModel(gm, cg)
     ctx = Context(gm, gm, cg, cost, budget.resolve(cost), tuple(gm.meta["fxprune_example_inputs"]),
@@ -143,17 +152,31 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
 def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4) -> fx.GraphModule:
     """Let the method decide (``data``: a calibration loader for data-driven methods), then
     remove the pruned channels for real. The result is checked twice: it computes what the
-    decision means (``EquivalenceError`` otherwise), and its cost meets the budget
-    (``BudgetError`` otherwise, e.g. when finalize had to keep units that carry a constant)."""
+    decision means, and its cost, measured on the finalized module itself (its MACs counted by
+    tracing it, its parameters counted), meets the budget. ``prepared.measured`` holds what was
+    counted. Raises ``EquivalenceError`` (the finalized module computes something else),
+    ``BudgetError`` (a decision above the budget, or units finalize had to keep because removed
+    channels feed them constants), ``ConfigError`` (not a ``Prepared``; a decision that does not
+    fit the channel graph).
+    """
+    if not isinstance(prepared, Prepared):
+        raise ConfigError(f"fxprune.finalize expects what fxprune.prepare returned, got {type(prepared).__name__}; "
+                          "for a traced module and a Decision use fxprune.passes.finalize(gm, graph, decision)")
     decision = prepared.method.decide(prepared.ctx, data)
     report = FinalizeReport()
     model = finalize_pass(prepared.module, prepared.channel_graph, decision, rtol=rtol, report=report)
     prepared.decision, prepared.finalize_report = decision, report
-    if not prepared.targets.met(prepared.cost, report.keep):
-        costs = {name: int(f(report.keep)) for name, f in prepared.cost.resources.items()}
-        raise BudgetError(f"the finalized model costs {costs}, above the budget {prepared.targets.limits}: "
-                          f"finalize kept units that removed channels feed as constants ({report.retained}); "
-                          "lower the budget or use a method that prunes these groups together")
+    measured = {"macs": count_macs(model, prepared.ctx.example_inputs),
+                "params": sum(p.numel() for p in model.parameters())}
+    prepared.measured = measured
+    over = {name: (measured[name], limit) for name, limit in prepared.targets.limits.items() if measured[name] > limit}
+    if over:
+        said = ", ".join(f"{name} {got:,} > {limit:,}" for name, (got, limit) in over.items())
+        why = (f"finalize kept units that removed channels feed as constants ({report.retained}); lower the budget or "
+               "use a method that prunes these groups together" if report.retained else
+               f"method {prepared.method.name!r} decided more than the budget allows (its decide must meet "
+               "ctx.targets, e.g. through fxprune.budget.allocate)")
+        raise BudgetError(f"the finalized model misses its budget: {said} (measured on the finalized module); {why}")
     return model
 
 
@@ -209,71 +232,97 @@ class CompileResult:
     prepared: Prepared
 
 
-def _accuracy(model: torch.nn.Module, loader) -> float | None:
+def _accuracy(model: torch.nn.Module, loader, output: Callable[[Any], Any] | None = None) -> float | None:
     if loader is None:
         return None
     from fxprune.train import evaluate
 
-    return evaluate(model, loader)
+    return evaluate(model, loader, output=output)
+
+
+def _without_hooks(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose hooks are gone: a user's hook must not run on fxprune's work (the traced model
+    has none either)."""
+    work = copy_module(model)
+    checks.drop_hooks(work)
+    return work
 
 
 def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget | None = None,
             example_inputs: Sequence[Any] = (), train_loader=None, eval_loader=None, epochs: int = 0,
             finetune_epochs: int = 0, lr: float = 0.05, gate_lr: float = 0.2,
             weight_decay: float = 5e-4, progress: bool = True, validate: Sequence[str] = (),
-            method_options: dict[str, Any] | None = None, calib_loader=None) -> CompileResult:
+            method_options: dict[str, Any] | None = None, calib_loader=None,
+            loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+            output: Callable[[Any], Any] | None = None) -> CompileResult:
     """Prune ``model`` to ``budget`` with ``method``; the user's model is left untouched.
 
     Phases: prepare (trace, analyze, the method's gates if any); train ``epochs`` with the
     method's hooks (ordinary training for methods without any); decide (``calib_loader``, else
     ``train_loader``, is the data of data-driven methods) and finalize; fine-tune the pruned
     model ``finetune_epochs``; optionally measure latency (``validate=["onnxruntime"]``).
-    Raises ``ConfigError``, ``TraceError``, ``BudgetError``, ``EquivalenceError``.
+    For a model that returns a tuple or dict, ``output`` picks the logits (``lambda out:
+    out[0]``) and/or ``loss_fn(outputs, labels)`` replaces cross-entropy.
+
+    Everything that can be checked is checked before the long work: the arguments, the
+    backends named in ``validate`` (``BackendUnavailable``), the model and inputs (see
+    ``prepare``); every batch as it is used (``fxprune.train``). Raises ``ConfigError``,
+    ``TraceError``, ``BudgetError`` (also when the finalized model, measured, misses the
+    budget), ``EquivalenceError``, ``BackendUnavailable``.
     """
+    from fxprune.backends import require_backend
     from fxprune.train import train
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
+    _check_budget(budget, "fxprune.compile")
+    model = checks.model(model, "fxprune.compile")
+    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"fxprune.compile: {name} must be an int >= 0, got {value!r}")
     m = get_method(method, **dict(method_options or {}))
     if m.needs_training and (train_loader is None or epochs <= 0):
         raise ConfigError(f"method {m.name!r} learns its decision: pass train_loader and epochs > 0")
     if (epochs > 0 or finetune_epochs > 0) and train_loader is None:
         raise ConfigError(f"epochs={epochs} and finetune_epochs={finetune_epochs} need a train_loader")
+    validate = [validate] if isinstance(validate, str) else list(validate)
+    for backend in validate:
+        require_backend(backend)
     total = epochs * len(train_loader) if train_loader is not None and epochs > 0 else None
     prepared = prepare(model, m, budget, example_inputs, total_steps=total)
+    example_inputs = prepared.ctx.example_inputs
     seconds["prepare"] = time.perf_counter() - t
-    acc = {"input": _accuracy(copy.deepcopy(model), eval_loader)}  # the model as given (untrained: chance)
+    acc = {"input": _accuracy(_without_hooks(model), eval_loader, output)}  # the model as given
     logs: list[dict[str, Any]] = []
+    fit = dict(lr=lr, weight_decay=weight_decay, loss_fn=loss_fn, output=output, example_inputs=example_inputs,
+               eval_loader=eval_loader, progress=progress)
     if epochs > 0:
         t = time.perf_counter()
         own = prepared.method_parameters()
         groups = [{"params": own, "lr": gate_lr, "weight_decay": 0.0}] if own else None
         ctx = prepared.ctx
         overrides = {hook: getattr(type(m), hook) is not getattr(Method, hook) for hook in ("loss", "after_backward")}
-        for e in train(prepared.module, train_loader, epochs, lr=lr, weight_decay=weight_decay,
-                       params=prepared.model_parameters(), extra_param_groups=groups,
-                       extra_loss=prepared.loss if overrides["loss"] else None,
+        for e in train(prepared.module, train_loader, epochs, params=prepared.model_parameters(),
+                       extra_param_groups=groups, extra_loss=prepared.loss if overrides["loss"] else None,
                        after_backward=prepared.after_backward if overrides["after_backward"] else None,
                        on_step=lambda s: prepared.step(),
                        train_step=(lambda batch, opt: m.train_step(ctx, batch, opt)) if m.train_step else None,
-                       eval_loader=eval_loader, progress=progress, desc=f"{m.name} train",
-                       epoch_metrics=lambda: m.schedule(ctx)):
+                       desc=f"{m.name} train", epoch_metrics=lambda: m.schedule(ctx), **fit):
             logs.append({"phase": "train", **asdict(e)})
         seconds["train"] = time.perf_counter() - t
-        acc["gated"] = _accuracy(prepared.module, eval_loader)
+        acc["gated"] = _accuracy(prepared.module, eval_loader, output)
     t = time.perf_counter()
     pruned = finalize(prepared, data=calib_loader if calib_loader is not None else train_loader)
     seconds["finalize"] = time.perf_counter() - t
-    acc["pruned"] = _accuracy(pruned, eval_loader)
+    acc["pruned"] = _accuracy(pruned, eval_loader, output)
     if finetune_epochs > 0:
         t = time.perf_counter()
-        for e in train(pruned, train_loader, finetune_epochs, lr=lr, weight_decay=weight_decay,
-                       eval_loader=eval_loader, progress=progress, desc="fine-tune"):
+        for e in train(pruned, train_loader, finetune_epochs, desc="fine-tune", **fit):
             logs.append({"phase": "finetune", **asdict(e)})
         seconds["finetune"] = time.perf_counter() - t
-        acc["finetuned"] = _accuracy(pruned, eval_loader)
+        acc["finetuned"] = _accuracy(pruned, eval_loader, output)
     pruned.eval()
-    report = _report(model, pruned, prepared, m, budget, example_inputs, acc, seconds, logs)
+    report = _report(model, pruned, prepared, m, budget, acc, seconds, logs)
     if validate:
         t = time.perf_counter()
         report.latency = _validate(model, pruned, example_inputs, validate)
@@ -281,7 +330,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     return CompileResult(pruned, report, prepared)
 
 
-def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, example_inputs, acc, seconds, logs) -> CompileReport:
+def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, seconds, logs) -> CompileReport:
     fin = prepared.finalize_report
     dense_params = sum(p.numel() for p in model.parameters())
     return CompileReport(
@@ -290,7 +339,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, exampl
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",
         dense={"flops": prepared.targets.dense_macs, "params": dense_params},
-        pruned={"flops": count_macs(pruned, example_inputs), "params": sum(p.numel() for p in pruned.parameters())},
+        pruned={"flops": prepared.measured["macs"], "params": prepared.measured["params"]},
         target={"flops": prepared.targets.macs, "params": prepared.targets.params},
         groups=[{"id": g.id, "size": g.size, "kept": fin.kept.get(g.id, g.size), "prunable": g.prunable,
                  "reason": g.reason, "producers": g.spaces} for g in prepared.channel_graph.groups],
@@ -303,14 +352,9 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, exampl
     )
 
 
-def _validate(dense, pruned, example_inputs, backends: Sequence[str]) -> dict[str, Any]:
+def _validate(dense, pruned, example_inputs, backends: list[str]) -> dict[str, Any]:
     from fxprune.backends import compare_latency
 
-    backends = [backends] if isinstance(backends, str) else list(backends)
-    unknown = set(backends) - {"onnxruntime", "torch", "torch-cuda", "tensorrt"}
-    if unknown:
-        raise ConfigError(f"unknown validate backend(s) {sorted(unknown)}; use onnxruntime, torch, torch-cuda or tensorrt")
-    results = {b: compare_latency(copy.deepcopy(dense).eval(), pruned, backend=b,
+    results = {b: compare_latency(_without_hooks(dense).eval(), pruned, backend=b,
                                   example_inputs=tuple(example_inputs)).to_dict() for b in backends}
     return results[backends[0]] if len(results) == 1 else {"backends": results, **results[backends[0]]}
-

@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from fxprune import checks
 from fxprune.backends import EXPORT_BACKENDS, LATENCY_BACKENDS
 from fxprune.data import DATASETS
-from fxprune.errors import FxpruneError
+from fxprune.errors import ConfigError, FxpruneError
+from fxprune.files import atomic_path, write_atomic
 from fxprune.flow.api import get_method  # noqa: F401  (the flow registers the built-in methods)
 from fxprune.method import method_names
 
@@ -40,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--image-size", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="runs/latest", help="output folder")
+    c.add_argument("--out", default=None,
+                   help="output folder (default runs/<model>-<method>-<time>); must be new or empty")
+    c.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing an earlier run's files there")
     c.add_argument("--export", choices=list(EXPORT_BACKENDS), default=None,
                    help="also write model.onnx (validated in ONNX Runtime) or model.engine (TensorRT)")
     c.add_argument("--validate", action="append", default=[], choices=list(LATENCY_BACKENDS),
@@ -68,15 +74,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# What ``fxprune compile`` writes into its folder (an older run's files are replaced, or removed
+# with --overwrite when this run does not write them).
+RUN_FILES = ("model.pt", "model.onnx", "model.engine", "report.json", "summary.txt")
+
+
+def _out_folder(args: argparse.Namespace) -> Path:
+    """The run folder, checked before any work: new or empty, unless --overwrite; writable."""
+    out = Path(args.out or f"runs/{args.model}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
+                          "choose a new folder, or pass --overwrite to replace that run")
+    return checks.writable_dir(out, "--out")
+
+
 def _compile(args: argparse.Namespace) -> int:
     import fxprune
+    from fxprune.backends import require_backend
+    from fxprune.backends.tensorrt import require_tensorrt
     from fxprune.data import digits_loaders
     from fxprune.models import build_model
 
+    flops = args.flops if args.flops is not None or args.params is not None else 0.5
+    budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to)
+    if args.export == "tensorrt":
+        require_tensorrt()
+    for backend in args.validate:
+        require_backend(backend)
+    out = _out_folder(args)
     torch.manual_seed(args.seed)
     data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, variant=args.dataset)
     model = build_model(args.model, num_classes=data.num_classes)
-    budget = fxprune.Budget(flops=args.flops if args.flops or args.params else 0.5, params=args.params, round_to=args.round_to)
     print(f"fxprune: {args.method} on {args.model}, digits ({len(data.train.dataset)} train / "
           f"{len(data.test.dataset)} test), budget {budget.to_dict()}", flush=True)
     result = fxprune.compile(
@@ -84,9 +112,8 @@ def _compile(args: argparse.Namespace) -> int:
         epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
         progress=not args.no_progress, validate=args.validate,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.model, out / "model.pt")
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(result.model, tmp)
     report, summary = result.report.to_dict(), result.report.summary()
     written = [out / "model.pt", out / "report.json", out / "summary.txt"]
     if args.export:
@@ -97,8 +124,10 @@ def _compile(args: argparse.Namespace) -> int:
         summary += (f"\nexport ({args.export}): {exported.path}, max abs diff vs PyTorch "
                     f"{exported.max_abs_diff:.2e} at batch sizes {exported.checked_batch_sizes}")
         written.insert(1, Path(exported.path))
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "summary.txt").write_text(summary + "\n")
+    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_atomic(out / "summary.txt", summary + "\n")
+    for stale in set(RUN_FILES) - {p.name for p in written}:  # an earlier run's, replaced by this one
+        (out / stale).unlink(missing_ok=True)
     print(summary)
     print("wrote " + ", ".join(map(str, written)))
     return 0
@@ -123,6 +152,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from fxprune.flow.bench import BenchConfig, bench, markdown, aggregate
 
+    checks.writable_dir(Path(args.out).parent, "--out")  # before hours of runs, not after
     cfg = BenchConfig(methods=args.methods, dataset=args.dataset, flops=args.flops, seeds=args.seeds,
                       model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out,
                       data_options={"validation": args.validation} if args.validation else {})

@@ -41,7 +41,8 @@ def per_channel(params: Sequence[str] = ("weight", "bias"), buffers: Sequence[st
     """The rule of a module that acts on each channel (dim 1) separately with vectors of one
     value per channel: ``params`` and ``buffers`` are sliced with the channels; ``affine`` (default:
     ``params``) are the ones that scale the output linearly, so a gate after the layer folds into
-    them; ``size_attr`` (e.g. ``"num_features"``) is set to the kept channel count."""
+    them; ``size_attr`` (e.g. ``"num_features"``) is set to the kept channel count.
+    Raises nothing itself; ``register_op`` checks the rule it is given."""
     fold = tuple(params if affine is None else affine)
     vectors = tuple(params) + tuple(buffers)
 

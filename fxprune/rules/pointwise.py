@@ -111,7 +111,7 @@ def _reduction(walk: "Walk", node: fx.Node) -> Any:
 
 
 def elementwise(name: str = "element-wise op") -> OpRule:
-    """The rule of an op applied to every element on its own (a custom activation)."""
+    """The rule of an op applied to every element on its own (a custom activation). Raises nothing."""
     return OpRule(name, Category.POINTWISE, _unary, per_channel=True)
 
 
