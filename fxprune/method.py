@@ -44,6 +44,7 @@ class Context:
     leaf_modules: dict[str, str] = field(default_factory=dict)  # untraceable submodules and why
     step: int = 0
     total_steps: int | None = None
+    show_progress: bool = True  # progress bars for a method's own long work (compile's progress)
 
     @property
     def progress(self) -> float:
@@ -133,6 +134,10 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ConfigError(f"method {self.name!r} has no state to load, got keys {sorted(state)}")
+
+    def report(self, ctx: Context) -> dict[str, Any]:
+        """What the method measured or spent (e.g. calibration passes), for the compile report."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """The options, for the report."""

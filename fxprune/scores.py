@@ -66,6 +66,33 @@ def _fpgm(w: torch.Tensor) -> np.ndarray:
     return torch.cdist(w, w).sum(1).numpy()
 
 
+def anchor_sites(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]) -> list[tuple[int, Any, str]]:
+    """``(group id, site, module)`` for every producer of ``groups`` whose output, after its norm
+    (where a gate would sit), is a module's output: where a forward hook reads the group's
+    activations. Raises nothing of its own."""
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = []
+    for g in groups:
+        for site, _ in _producers(gm, cg, g):
+            anchor = gate_anchor(gm, nodes[site.node], modules)
+            if anchor.op == "call_module":
+                found.append((g.id, site, anchor.target))
+    return found
+
+
+def filter_matrix(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup) -> np.ndarray:
+    """Units x features: every producer's filters of each unit, side by side (a data-free
+    description of what a unit computes). Raises nothing of its own."""
+    parts = []
+    for site, layer in _producers(gm, cg, group):
+        filters = _filters(gm, layer).numpy()
+        per_unit = np.zeros((group.size, filters.shape[1]))
+        np.add.at(per_unit, site.units, filters)
+        parts.append(per_unit)
+    return np.concatenate(parts, 1) if parts else np.zeros((group.size, 1))
+
+
 def l1(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
     """Filter L1 norm (Li et al., ICLR 2017). Raises nothing of its own."""
     return per_filter_score(gm, cg, group, _l1)
@@ -126,14 +153,8 @@ def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
     if data is None:
         raise ConfigError("the taylor score needs data: pass a loader of (inputs, labels) batches")
     modules = dict(gm.named_modules())
-    nodes = {n.name: n for n in gm.graph.nodes}
     totals = {g.id: np.zeros(g.size) for g in groups}
-    handles, sites = [], []
-    for g in groups:
-        for site, _ in _producers(gm, cg, g):
-            anchor = gate_anchor(gm, nodes[site.node], modules)
-            if anchor.op == "call_module":
-                sites.append((g.id, site, anchor.target))
+    handles, sites = [], anchor_sites(gm, cg, groups)
     grads: dict[tuple[int, int], torch.Tensor] = {}
 
     def make_hook(key: tuple[int, int], dim: int):
