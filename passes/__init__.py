@@ -1,7 +1,8 @@
 """Graph passes: each takes a GraphModule (and the analysis it needs) and returns a result."""
+from fxprune.passes.compensate import CompensationReport, compensate
 from fxprune.passes.finalize import FinalizeReport, finalize
 from fxprune.passes.gates import Gate, apply_decision, insert_gates, read_gates, strip_gates
 from fxprune.passes.verify import check_equivalence
 
-__all__ = ["insert_gates", "finalize", "Gate", "FinalizeReport", "check_equivalence", "read_gates",
+__all__ = ["insert_gates", "finalize", "compensate", "CompensationReport", "Gate", "FinalizeReport", "check_equivalence", "read_gates",
            "apply_decision", "strip_gates"]

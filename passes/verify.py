@@ -125,7 +125,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(b64.abs().max().item(), 1e-12)
 
 
-def _compare_outputs(new_out: Any, ref_out: Any) -> tuple[float, float]:
+def compare_outputs(new_out: Any, ref_out: Any) -> tuple[float, float]:
+    """(max abs, max relative) difference over matching output tensors; NaN/Inf is infinite.
+    Raises ``EquivalenceError`` when the outputs differ in number or shape."""
     ref_leaves, new_leaves = _leaves(ref_out), _leaves(new_out)
     if len(ref_leaves) != len(new_leaves):
         raise EquivalenceError(f"finalized module returns {len(new_leaves)} tensors, the gated module {len(ref_leaves)}")
@@ -182,7 +184,7 @@ def _float64_rel_diff(reference: fx.GraphModule, candidate: fx.GraphModule, inpu
     inputs64 = map_aggregate(tuple(inputs), to64)
     ref, cand = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
     with eval_mode(ref), eval_mode(cand):
-        return _compare_outputs(cand(*inputs64), ref(*inputs64))[1]
+        return compare_outputs(cand(*inputs64), ref(*inputs64))[1]
 
 
 def verify_against(reference: fx.GraphModule, ref_out: Any, candidate: fx.GraphModule,
@@ -197,7 +199,7 @@ def verify_against(reference: fx.GraphModule, ref_out: Any, candidate: fx.GraphM
     agrees to ``rtol / 1000`` the check passes with a warning; otherwise the error names the first
     diverging node.
     """
-    worst_abs, worst_rel = _compare_outputs(_run(candidate, inputs), ref_out)
+    worst_abs, worst_rel = compare_outputs(_run(candidate, inputs), ref_out)
     if worst_rel <= rtol:
         return worst_abs, worst_rel
     if not all(bool(torch.isfinite(t).all()) for t in _leaves(ref_out)):

@@ -8,7 +8,8 @@ import pytest
 
 from fxprune.rules.base import REGISTRY
 
-MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize"]
+MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize",
+           "fxprune.passes.compensate", "fxprune.passes.lop"]
 
 
 @pytest.mark.parametrize("name", MODULES)

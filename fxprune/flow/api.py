@@ -19,12 +19,16 @@ from fxprune.budget import Budget, Targets
 from fxprune.cost import CostModel, count_macs
 from fxprune.decision import Decision
 from fxprune import checks
-from fxprune.errors import BudgetError, ConfigError
+from fxprune.errors import BudgetError, ConfigError, EquivalenceError
 from fxprune.ir import ChannelGraph
 from fxprune.modcopy import copy_module
 from fxprune.method import METHODS, Context, Method
+from fxprune.passes.compensate import CompensationReport
+from fxprune.passes.compensate import compensate as compensate_pass
 from fxprune.passes.finalize import FinalizeReport
 from fxprune.passes.finalize import finalize as finalize_pass
+from fxprune.passes import lop
+from fxprune.passes.gates import apply_decision
 from fxprune.tracing import trace
 
 
@@ -64,6 +68,7 @@ class Prepared:
     finalize_report: FinalizeReport | None = None
     decision: Decision | None = None
     measured: dict[str, int] | None = None  # the finalized module's MACs and parameters, counted
+    compensation: CompensationReport | None = None
 
     @property
     def module(self) -> fx.GraphModule:
@@ -149,9 +154,13 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     return Prepared(m, ctx)
 
 
-def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4) -> fx.GraphModule:
+def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensate: bool | dict[str, Any] = False,
+             progress: bool = False) -> fx.GraphModule:
     """Let the method decide (``data``: a calibration loader for data-driven methods), then
-    remove the pruned channels for real. The result is checked twice: it computes what the
+    remove the pruned channels for real. ``compensate=True`` first refits the consumers of removed
+    channels to the unpruned module's outputs on ``data`` (``fxprune.passes.compensate``; a dict
+    gives its options, e.g. ``{"ridge": 1e-4}``; its report is ``prepared.compensation``); the finalized module is then checked against the
+    compensated one. The result is checked twice: it computes what the
     decision means, and its cost, measured on the finalized module itself (its MACs counted by
     tracing it, its parameters counted), meets the budget. ``prepared.measured`` holds what was
     counted. Raises ``EquivalenceError`` (the finalized module computes something else),
@@ -164,7 +173,16 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4) -> fx.Gra
                           "for a traced module and a Decision use fxprune.passes.finalize(gm, graph, decision)")
     decision = prepared.method.decide(prepared.ctx, data)
     report = FinalizeReport()
-    model = finalize_pass(prepared.module, prepared.channel_graph, decision, rtol=rtol, report=report)
+    cg = prepared.channel_graph
+    if compensate:
+        applied = apply_decision(prepared.module, cg, decision.complete(cg))
+        options = dict(compensate) if isinstance(compensate, dict) else {}
+        applied, fitted = compensate_pass(applied, prepared.module, cg, decision.complete(cg).keep, data,
+                                          weight_masks=decision.weight_masks, progress=progress, **options)
+        prepared.compensation = fitted
+        model = finalize_pass(applied, cg, rtol=rtol, report=report)  # the gates hold the decision
+    else:
+        model = finalize_pass(prepared.module, cg, decision, rtol=rtol, report=report)
     prepared.decision, prepared.finalize_report = decision, report
     measured = {"macs": count_macs(model, prepared.ctx.example_inputs),
                 "params": sum(p.numel() for p in model.parameters())}
@@ -199,6 +217,8 @@ class CompileReport:
     removed_branches: list[str] = field(default_factory=list)
     retained: dict[int, str] = field(default_factory=dict)
     latency: dict[str, Any] | None = None
+    method_report: dict[str, Any] = field(default_factory=dict)
+    compensation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +235,12 @@ class CompileReport:
             f"groups pruned {sum(g['kept'] < g['size'] for g in self.groups)} of {len(self.groups)}",
             f"finalize check: max relative difference {self.equivalence.get('max_rel_diff', float('nan')):.2e}",
         ]
+        if self.compensation:
+            c = self.compensation
+            fitted = sum(v["status"] == "fitted" for v in c["layers"].values())
+            lines.append(f"compensation: {fitted} of {len(c['layers'])} consumer layers refitted, calibration output "
+                         f"error {c['output_error']['without']:.3g} -> {c['output_error']['with']:.3g}"
+                         + ("" if c["used"] else " (worse: not applied)"))
         for k, v in self.accuracy.items():
             if v is not None:
                 lines.append(f"accuracy ({k}) {v:.4f}")
@@ -254,7 +280,8 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
             weight_decay: float = 5e-4, progress: bool = True, validate: Sequence[str] = (),
             method_options: dict[str, Any] | None = None, calib_loader=None,
             loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
-            output: Callable[[Any], Any] | None = None) -> CompileResult:
+            output: Callable[[Any], Any] | None = None, compensate: bool | dict[str, Any] = False,
+            finetune_lop: bool | dict[str, Any] = False) -> CompileResult:
     """Prune ``model`` to ``budget`` with ``method``; the user's model is left untouched.
 
     Phases: prepare (trace, analyze, the method's gates if any); train ``epochs`` with the
@@ -262,7 +289,11 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     ``train_loader``, is the data of data-driven methods) and finalize; fine-tune the pruned
     model ``finetune_epochs``; optionally measure latency (``validate=["onnxruntime"]``).
     For a model that returns a tuple or dict, ``output`` picks the logits (``lambda out:
-    out[0]``) and/or ``loss_fn(outputs, labels)`` replaces cross-entropy.
+    out[0]``) and/or ``loss_fn(outputs, labels)`` replaces cross-entropy. ``compensate=True``
+    refits the consumers of removed channels on the calibration data before finalize (see
+    ``finalize``): pruning without retraining. ``finetune_lop=True`` (or a dict of
+    ``fxprune.passes.lop.expand`` options) fine-tunes a linearly over-parameterized copy (each
+    conv/linear a product of two) and collapses it back to the pruned shape, checked.
 
     Everything that can be checked is checked before the long work: the arguments, the
     backends named in ``validate`` (``BackendUnavailable``), the model and inputs (see
@@ -290,6 +321,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         require_backend(backend)
     total = epochs * len(train_loader) if train_loader is not None and epochs > 0 else None
     prepared = prepare(model, m, budget, example_inputs, total_steps=total)
+    prepared.ctx.show_progress = progress
     example_inputs = prepared.ctx.example_inputs
     seconds["prepare"] = time.perf_counter() - t
     acc = {"input": _accuracy(_without_hooks(model), eval_loader, output)}  # the model as given
@@ -312,13 +344,19 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         seconds["train"] = time.perf_counter() - t
         acc["gated"] = _accuracy(prepared.module, eval_loader, output)
     t = time.perf_counter()
-    pruned = finalize(prepared, data=calib_loader if calib_loader is not None else train_loader)
+    calib = calib_loader if calib_loader is not None else train_loader
+    if compensate and calib is None:
+        raise ConfigError("compensate=True refits layers on calibration data: pass calib_loader=... (or train_loader)")
+    pruned = finalize(prepared, data=calib, compensate=compensate, progress=progress)
     seconds["finalize"] = time.perf_counter() - t
     acc["pruned"] = _accuracy(pruned, eval_loader, output)
     if finetune_epochs > 0:
         t = time.perf_counter()
-        for e in train(pruned, train_loader, finetune_epochs, desc="fine-tune", **fit):
+        work = lop.expand(pruned, **(finetune_lop if isinstance(finetune_lop, dict) else {})) if finetune_lop else pruned
+        for e in train(work, train_loader, finetune_epochs, desc="fine-tune" + (" (LOP)" if finetune_lop else ""), **fit):
             logs.append({"phase": "finetune", **asdict(e)})
+        if finetune_lop:
+            pruned = _collapsed(work, example_inputs)
         seconds["finetune"] = time.perf_counter() - t
         acc["finetuned"] = _accuracy(pruned, eval_loader, output)
     pruned.eval()
@@ -330,12 +368,28 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     return CompileResult(pruned, report, prepared)
 
 
+def _collapsed(expanded: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """The LOP-trained model multiplied back into the pruned shape, checked against the expanded one."""
+    from fxprune.passes.verify import compare_outputs
+
+    collapsed = lop.collapse(expanded).eval()
+    expanded.eval()
+    with torch.no_grad():
+        _, rel = compare_outputs(collapsed(*example_inputs), expanded(*example_inputs))
+    if not rel <= 1e-4:
+        raise EquivalenceError(f"the LOP-trained model, collapsed back into the pruned shape, differs from it by "
+                               f"{rel:.3g} (relative); this is a bug in fxprune.passes.lop, please report it")
+    return collapsed
+
+
 def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, seconds, logs) -> CompileReport:
     fin = prepared.finalize_report
     dense_params = sum(p.numel() for p in model.parameters())
     return CompileReport(
         method=m.name,
         method_options=m.describe(),
+        method_report=m.report(prepared.ctx),
+        compensation=asdict(prepared.compensation) if prepared.compensation is not None else None,
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",
         dense={"flops": prepared.targets.dense_macs, "params": dense_params},

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--round-to", type=int, default=1, help="keep group widths a multiple of this")
     c.add_argument("--epochs", type=int, default=8, help="training epochs with the method's loss (dense training for l1)")
     c.add_argument("--finetune-epochs", type=int, default=4)
+    c.add_argument("--compensate", action="store_true",
+                   help="refit the consumers of removed channels on the training images (no retraining needed)")
+    c.add_argument("--lop", action="store_true", help="fine-tune linearly over-parameterized, collapse back")
     c.add_argument("--lr", type=float, default=0.05)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--image-size", type=int, default=32)
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
     b.add_argument("--out", default="benchmarks/results/methods", help="output stem (.json, .md, .png)")
     b.add_argument("--resume", action="store_true", help="skip runs already in the output JSON")
+    b.add_argument("--pretrained", action="store_true",
+                   help="every method prunes its seed's trained dense model (no method training; the "
+                        "no-retraining comparison); method specs may end in +compensate and/or +lop")
     b.add_argument("--validation", type=float, default=0.0,
                    help="hold this fraction of the training split out and report on it instead of the test split")
     b.add_argument("--no-progress", action="store_true")
@@ -110,7 +116,7 @@ def _compile(args: argparse.Namespace) -> int:
     result = fxprune.compile(
         model, args.method, budget, data.example_inputs(), train_loader=data.train, eval_loader=data.test,
         epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        progress=not args.no_progress, validate=args.validate,
+        progress=not args.no_progress, validate=args.validate, compensate=args.compensate, finetune_lop=args.lop,
     )
     with atomic_path(out / "model.pt") as tmp:
         torch.save(result.model, tmp)
@@ -155,7 +161,8 @@ def _bench(args: argparse.Namespace) -> int:
     checks.writable_dir(Path(args.out).parent, "--out")  # before hours of runs, not after
     cfg = BenchConfig(methods=args.methods, dataset=args.dataset, flops=args.flops, seeds=args.seeds,
                       model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out,
-                      data_options={"validation": args.validation} if args.validation else {})
+                      data_options={"validation": args.validation} if args.validation else {},
+                      pretrained=args.pretrained)
     runs = bench(cfg, resume=args.resume, progress=not args.no_progress)
     print(Path(args.out).with_suffix(".md").read_text() if runs else markdown(aggregate(runs), {}))
     print(f"wrote {args.out}.json, .md, .png")
