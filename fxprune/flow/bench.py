@@ -5,6 +5,11 @@ the same total number of epochs; seeds vary only the initial weights:
 - ``dense``: ``epochs + finetune`` epochs of ordinary training;
 - a method: ``epochs`` with the method's hooks (ordinary training for one-shot methods), decide
   and finalize to the FLOPs target, then ``finetune`` epochs.
+With ``pretrained``, every method instead prunes the dense run's trained model of its seed (no
+method training: the "no retraining" comparison), calibrating on the training split, then
+fine-tunes ``finetune`` epochs (0: none). A method spec may end in ``+compensate`` (refit the
+consumers of removed channels, ``compile(compensate=True)``) and/or ``+lop`` (fine-tune
+over-parameterized, ``compile(finetune_lop=True)``).
 Per run: test accuracy before and after fine-tuning (and of the trained gated model), MACs and
 parameters counted on the finalized module, the width each group kept, and wall time per phase.
 Runs go to worker processes (``jobs``), torch on one thread each; results are rewritten
@@ -20,7 +25,9 @@ import platform
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -49,6 +56,8 @@ class BenchConfig:
     out: str = "benchmarks/results/methods"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)  # more digits_loaders arguments (hard=...)
+    pretrained: bool = False  # methods prune the trained dense model of their seed (no method training)
+    dense_cache: str = ""  # folder of trained dense weights per seed (set by bench when pretrained)
 
     def runs(self) -> list[tuple[str, float, int]]:
         dense = [("dense", 1.0, s) for s in self.seeds]
@@ -59,10 +68,22 @@ def _key(method: str, flops: float, seed: int) -> str:
     return f"{method}/{flops:g}/{seed}"
 
 
+FLAGS = ("compensate", "lop")
+
+
+def parse_flags(spec: str) -> tuple[str, set[str]]:
+    """``"l1+compensate+lop"``: the method spec and the compile flags after it."""
+    method, *flags = spec.split("+")
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise ConfigError(f"method spec {spec!r}: unknown flag(s) {unknown}; flags: {', '.join(FLAGS)}")
+    return method, set(flags)
+
+
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """``"gdp"`` or ``"gdp:penalty=uniform;warmup=0.5"``: a registered name and option overrides
     (values read as JSON where they parse, else as strings). The spec is the run's label."""
-    name, _, rest = spec.partition(":")
+    name, _, rest = parse_flags(spec)[0].partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
@@ -80,7 +101,7 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
     import fxprune
     from fxprune.data import digits_loaders
     from fxprune.models import build_model
-    from fxprune.train import evaluate, train
+    from fxprune.train import evaluate
 
     torch.set_num_threads(1)
     data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, **cfg.data_options)  # same split, order
@@ -89,18 +110,22 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
     x = data.example_inputs()
     dense_macs = fxprune.count_macs(model, x)
     run: Run = {"method": method, "flops_target": flops, "seed": seed}
-    if method == "dense":
+    if method == "dense" or cfg.pretrained:
         t = time.perf_counter()
-        train(model, data.train, cfg.epochs + cfg.finetune, lr=cfg.lr, progress=False, desc="dense")
+        _train_dense(cfg, seed, model, data.train)
+        seconds = time.perf_counter() - t
+    if method == "dense":
         return {**run, "accuracy": evaluate(model, data.test), "accuracy_before_finetune": None,
                 "accuracy_gated": None, "macs": dense_macs, "macs_fraction": 1.0,
-                "params": sum(p.numel() for p in model.parameters()), "seconds": {"train": time.perf_counter() - t},
+                "params": sum(p.numel() for p in model.parameters()), "seconds": {"train": seconds},
                 "widths": {}, "method_options": {}}
     name, options = parse_method(method)
+    flags = parse_flags(method)[1]
     options = {**cfg.method_options.get(name, {}), **options}
     result = fxprune.compile(model, name, fxprune.Budget(flops=flops), x, train_loader=data.train,
-                             eval_loader=data.test, epochs=cfg.epochs, finetune_epochs=cfg.finetune, lr=cfg.lr,
-                             progress=False, method_options=options)
+                             eval_loader=data.test, epochs=0 if cfg.pretrained else cfg.epochs,
+                             finetune_epochs=cfg.finetune, lr=cfg.lr, progress=False, method_options=options,
+                             calib_loader=data.train, compensate="compensate" in flags, finetune_lop="lop" in flags)
     r = result.report
     acc = r.accuracy
     return {**run, "accuracy": acc.get("finetuned", acc["pruned"]), "accuracy_before_finetune": acc["pruned"],
@@ -109,6 +134,23 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
             "seconds": dict(r.seconds), "method_options": r.method_options,
             "widths": {str(g["id"]): [g["kept"], g["size"]] for g in r.groups if g["prunable"]},
             "max_rel_diff": r.equivalence["max_rel_diff"]}
+
+
+def _train_dense(cfg: BenchConfig, seed: int, model: torch.nn.Module, loader) -> None:
+    """Train the dense model of ``seed`` (``epochs + finetune`` epochs), or load it from
+    ``dense_cache``: in the pretrained mode every method of a seed starts from these weights.
+    Training is deterministic on one thread, so a run that trains it gets the same weights."""
+    from fxprune.files import atomic_path
+    from fxprune.train import train
+
+    path = Path(cfg.dense_cache) / f"{cfg.model}-seed{seed}.pt" if cfg.dense_cache else None
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path))
+        return
+    train(model, loader, cfg.epochs + cfg.finetune, lr=cfg.lr, progress=False, desc="dense")
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save(model.state_dict(), tmp)
 
 
 def _spread(values: list[float]) -> float:
@@ -142,8 +184,10 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    lines = [f"# Methods on {meta['dataset']} ({meta['model']}, {meta['epochs']} + {meta['finetune']} epochs, "
-             f"seeds {meta['seeds']})", "",
+    schedule = (f"each method prunes the seed's trained dense model ({meta['epochs'] + meta['finetune']} epochs), "
+                f"then {meta['finetune']} fine-tune epochs" if meta.get("pretrained") else
+                f"{meta['epochs']} + {meta['finetune']} epochs")
+    lines = [f"# Methods on {meta['dataset']} ({meta['model']}, {schedule}, seeds {meta['seeds']})", "",
              f"{meta['train_size']} train / {meta['test_size']} {meta.get('evaluated_on', 'test')} images; torch {meta['torch']} on "
              f"{meta['machine']}, one thread per run; {meta['date']}. Accuracy: mean ± standard deviation over "
              "seeds; MACs and parameters are counted on the finalized module; time is wall seconds per phase "
@@ -209,7 +253,8 @@ def _meta(cfg: BenchConfig) -> dict[str, Any]:
     from fxprune.data import digits_loaders
 
     data = digits_loaders(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, **cfg.data_options)
-    return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs", "data_options")}, "seeds": list(cfg.seeds),
+    return {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "jobs", "data_options", "dense_cache")},
+            "seeds": list(cfg.seeds),
             "evaluated_on": "validation" if cfg.data_options.get("validation") else "test",
             "train_size": len(data.train.dataset), "test_size": len(data.test.dataset),
             "torch": torch.__version__, "python": platform.python_version(),
@@ -242,6 +287,17 @@ def bench(cfg: BenchConfig, resume: bool = False, progress: bool = True) -> list
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; available: {list(DATASETS)}")
     if any(not 0 < f <= 1 for f in cfg.flops) or cfg.jobs < 1:
         raise ConfigError("flops targets must be fractions in (0, 1] and jobs >= 1")
+    if not cfg.pretrained or cfg.dense_cache:
+        return _run_all(cfg, resume, progress)
+    cache = tempfile.mkdtemp(prefix="fxprune-bench-dense-")
+    try:
+        return _run_all(replace(cfg, dense_cache=cache), resume, progress)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run_all(cfg: BenchConfig, resume: bool, progress: bool) -> list[Run]:
+    """The runs not already done, in worker processes; results rewritten after each."""
     meta = _meta(cfg)
     done: dict[str, Run] = {}
     path = Path(cfg.out).with_suffix(".json")
