@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from fxprune.flow import api
 
         return getattr(api, name)
+    if name in ("save", "load"):
+        from fxprune.flow import saving
+
+        return getattr(saving, name)
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
@@ -42,7 +46,7 @@ def export(model, path, backend: str = "onnx", **kwargs):
 
 
 __all__ = [
-    "trace", "analyze", "prepare", "finalize", "compile", "export", "Budget", "CostModel",
+    "trace", "analyze", "prepare", "finalize", "compile", "export", "save", "load", "Budget", "CostModel",
     "count_macs", "ChannelGraph", "ChannelGroup", "Prepared", "CompileResult", "CompileReport",
     "Decision", "Method", "Context", "register_method", "get_method", "rules", "scores",
     "register_op", "OpRule", "FxpruneError", "TraceError", "AnalysisError", "EquivalenceError",

@@ -12,6 +12,7 @@ number of units, and a gate holds one value per unit.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -177,11 +178,13 @@ class UnitTable:
         return np.where(tracked, self.group_of[safe], -1), np.where(tracked, self.unit_of[safe], -1)
 
 
-def node_signature(node: fx.Node) -> str:
-    """``op:target:shape`` of a traced node (the shape of its tensor value, where it has one)."""
+def node_signature(node: fx.Node, batch: bool = True) -> str:
+    """``op:target:shape`` of a traced node (the shape of its tensor value, where it has one;
+    without its first, batch, dimension when ``batch`` is False)."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
-    shape = getattr(node.meta.get("fxprune_value"), "shape", "")
-    return f"{node.op}:{target}:{tuple(shape) if shape != '' else ''}"
+    shape = getattr(node.meta.get("fxprune_value"), "shape", None)
+    shape = "" if shape is None else tuple(shape) if batch else tuple(shape)[1:]
+    return f"{node.op}:{target}:{shape}"
 
 
 @dataclass
@@ -200,6 +203,13 @@ class ChannelGraph:
     size_uses: set[str] = field(default_factory=set)  # nodes (not size arithmetic) that consume one
     # node name -> "op:target" of the traced graph analysed: a graph from another module is refused
     source: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self, gm: fx.GraphModule) -> str:
+        """A digest of the analysed graph as found in ``gm`` (its own or a gated copy): node names,
+        ops, targets and value shapes without the batch dimension. Equal for the same architecture
+        traced at the same input size; what ``fxprune.load`` checks before replaying a record."""
+        lines = [f"{n.name}={node_signature(n, batch=False)}" for n in gm.graph.nodes if n.name in self.source]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
     def check_source(self, gm: fx.GraphModule, where: str) -> None:
         """Raise ``AnalysisError`` unless ``gm`` holds the nodes this graph was computed from (a

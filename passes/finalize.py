@@ -340,4 +340,8 @@ def finalize(
     if check:
         report.max_abs_diff, report.max_rel_diff = verify_against(gated, ref_out, gm, inputs, rtol=rtol)
     gm.meta["fxprune_example_inputs"] = inputs
+    # what fxprune.save writes and fxprune.load replays: the decision, and the graph it applies to
+    gm.meta["fxprune_record"] = {"fingerprint": cg.fingerprint(module),
+                                 "keep": {g.id: np.nonzero(keep[g.id])[0].tolist() for g in cg.groups
+                                          if not keep[g.id].all()}}
     return gm

@@ -202,6 +202,13 @@ def _other_graph(e: Env):
     return lambda: fxprune.passes.insert_gates(gm, other), ("computed from another module", "fxprune.analyze returned for it")
 
 
+def _saved_then_loaded_into(e: Env, other: nn.Module):
+    """Save a pruned model before the snapshot (the load under test must leave the file alone)."""
+    path = e.tmp / "runs" / "saved.fxprune"
+    fxprune.save(_result(e), path)
+    return lambda: fxprune.load(other, path, X)
+
+
 def _train(e: Env, data: DataLoader, model: nn.Module | None = None, **kw):
     return lambda: fxprune.compile(model if model is not None else e.model, "l1", HALF, X, train_loader=data,
                                    epochs=1, progress=False, **kw)
@@ -327,6 +334,13 @@ CASES: list[Any] = [
                                                           ("not prunable", "keep every unit"))),
     ("finalize-not-prepared", ConfigError, lambda e: (lambda: fxprune.finalize(fxprune.trace(e.model, X)),
                                                       ("expects what fxprune.prepare returned", "fxprune.passes.finalize"))),
+    # keeping the result
+    ("save-not-finalized", ConfigError, lambda e: (lambda: fxprune.save(e.model, e.tmp / "runs" / "m.fxprune"),
+                                                   ("without a pruning record", "torch.save(model.state_dict()"))),
+    ("load-not-a-record", ConfigError, lambda e: (lambda: fxprune.load(e.model, e.tmp / "model.onnx", X),
+                                                  ("not a file fxprune.save wrote", "model.onnx"))),
+    ("load-other-architecture", ConfigError, lambda e: (_saved_then_loaded_into(e, net(classes=5)),
+                                                        ("architecture or the input size changed", "same code"))),
     # export and latency
     ("export-compile-result", ConfigError, lambda e: (_export(e, model=_result(e)), ("CompileResult", "result.model"))),
     ("export-wrong-shape", ConfigError, lambda e: (_export(e, example_inputs=(torch.randn(2, 5, 8, 8),)),
@@ -443,7 +457,7 @@ def test_cli_overwrite_replaces_an_older_run_and_only_its_files(tmp_path):
                 "--image-size", "8", "--no-progress", "--out", str(tmp_path), "--overwrite"])
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["model.pt", "notes.txt", "report.json", "summary.txt"]
+    assert names == ["model.fxprune", "model.pt", "notes.txt", "report.json", "summary.txt"]
 
 
 # ---- unusual models that deserve a result: a warning and a correct, checked model ------------------------

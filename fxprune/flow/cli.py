@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What ``fxprune compile`` writes into its folder (an older run's files are replaced, or removed
 # with --overwrite when this run does not write them).
-RUN_FILES = ("model.pt", "model.onnx", "model.engine", "report.json", "summary.txt")
+RUN_FILES = ("model.pt", "model.fxprune", "model.onnx", "model.engine", "report.json", "summary.txt")
 
 
 def _out_folder(args: argparse.Namespace) -> Path:
@@ -120,8 +120,9 @@ def _compile(args: argparse.Namespace) -> int:
     )
     with atomic_path(out / "model.pt") as tmp:
         torch.save(result.model, tmp)
+    fxprune.save(result.model, out / "model.fxprune")  # record + weights: fxprune.load rebuilds it from code
     report, summary = result.report.to_dict(), result.report.summary()
-    written = [out / "model.pt", out / "report.json", out / "summary.txt"]
+    written = [out / "model.pt", out / "model.fxprune", out / "report.json", out / "summary.txt"]
     if args.export:
         suffix = ".onnx" if args.export == "onnx" else ".engine"
         exported = fxprune.export(result.model, out / f"model{suffix}", backend=args.export,
