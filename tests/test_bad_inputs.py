@@ -457,7 +457,7 @@ def test_cli_overwrite_replaces_an_older_run_and_only_its_files(tmp_path):
                 "--image-size", "8", "--no-progress", "--out", str(tmp_path), "--overwrite"])
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["model.fxprune", "model.pt", "notes.txt", "report.json", "summary.txt"]
+    assert names == ["model.fxprune", "model.pt", "notes.txt", "report.html", "report.json", "summary.txt"]
 
 
 # ---- unusual models that deserve a result: a warning and a correct, checked model ------------------------

@@ -219,12 +219,19 @@ class CompileReport:
     latency: dict[str, Any] | None = None
     method_report: dict[str, Any] = field(default_factory=dict)
     compensation: dict[str, Any] | None = None
+    leaves: dict[str, str] = field(default_factory=dict)  # submodules tracing kept opaque, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_html(self) -> str:
+        """One self-contained page with the summary and plots (``fxprune.flow.html``)."""
+        from fxprune.flow.html import render
+
+        return render(json.loads(self.to_json()), self.summary())
 
     def summary(self) -> str:
         d, p = self.dense, self.pruned
@@ -390,6 +397,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, s
         method_options=m.describe(),
         method_report=m.report(prepared.ctx),
         compensation=asdict(prepared.compensation) if prepared.compensation is not None else None,
+        leaves=dict(prepared.ctx.leaf_modules),
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",
         dense={"flops": prepared.targets.dense_macs, "params": dense_params},

@@ -1,4 +1,4 @@
-"""The ``fxprune`` command line: ``fxprune compile``, ``fxprune analyze`` and ``fxprune bench``."""
+"""The ``fxprune`` command line: ``compile``, ``analyze``, ``bench``, ``report`` (redraw a run's page) and ``compare``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from fxprune.backends import EXPORT_BACKENDS, LATENCY_BACKENDS
 from fxprune.data import DATASETS
 from fxprune.errors import ConfigError, FxpruneError
 from fxprune.files import atomic_path, write_atomic
+from fxprune.flow.html import render as render_html
 from fxprune.flow.api import get_method  # noqa: F401  (the flow registers the built-in methods)
 from fxprune.method import method_names
 
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--validation", type=float, default=0.0,
                    help="hold this fraction of the training split out and report on it instead of the test split")
     b.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("report", help="redraw RUN_DIR/report.html from its report.json")
+    r.add_argument("run_dir")
+    m = sub.add_parser("compare", help="plot accuracy against MACs (and latency) of several runs")
+    m.add_argument("run_dirs", nargs="+")
+    m.add_argument("--out", default="compare.png")
     a = sub.add_parser("analyze", help="print the channel groups of a model")
     a.add_argument("--model", default="resnet18")
     a.add_argument("--input-size", type=int, default=64)
@@ -82,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What ``fxprune compile`` writes into its folder (an older run's files are replaced, or removed
 # with --overwrite when this run does not write them).
-RUN_FILES = ("model.pt", "model.fxprune", "model.onnx", "model.engine", "report.json", "summary.txt")
+RUN_FILES = ("model.pt", "model.fxprune", "model.onnx", "model.engine", "report.json", "report.html", "summary.txt")
 
 
 def _out_folder(args: argparse.Namespace) -> Path:
@@ -133,10 +139,26 @@ def _compile(args: argparse.Namespace) -> int:
         written.insert(1, Path(exported.path))
     write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
     write_atomic(out / "summary.txt", summary + "\n")
+    write_atomic(out / "report.html", render_html(json.loads(json.dumps(report, default=str)), summary))
+    written.append(out / "report.html")
     for stale in set(RUN_FILES) - {p.name for p in written}:  # an earlier run's, replaced by this one
         (out / stale).unlink(missing_ok=True)
     print(summary)
     print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fxprune.flow.html import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fxprune.flow.html import compare
+
+    print(f"wrote {compare(args.run_dirs, args.out)}")
     return 0
 
 
@@ -173,7 +195,8 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": _compile, "analyze": _analyze, "bench": _bench}[args.command](args)
+        return {"compile": _compile, "analyze": _analyze, "bench": _bench, "report": _report,
+                "compare": _compare}[args.command](args)
     except FxpruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)
         return 2
