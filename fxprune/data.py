@@ -36,6 +36,7 @@ every run; ``benchmarks/results/digits_hard_calibration.md`` lists them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +67,12 @@ class DataSplit:
 
     def example_inputs(self, batch: int = 1) -> tuple[Tensor]:
         """Real test images (not noise), so shape propagation and equivalence checks see typical values."""
-        images = self.test.dataset.tensors[0]
-        if not 1 <= batch <= len(images):
-            raise ConfigError(f"example_inputs batch must be in 1..{len(images)}, got {batch}")
-        return (images[:batch].clone(),)
+        dataset = self.test.dataset
+        if not 1 <= batch <= len(dataset):
+            raise ConfigError(f"example_inputs batch must be in 1..{len(dataset)}, got {batch}")
+        if hasattr(dataset, "tensors"):
+            return (dataset.tensors[0][:batch].clone(),)
+        return (torch.stack([dataset[i][0] for i in range(batch)]),)
 
 
 @dataclass(frozen=True)
@@ -298,3 +301,34 @@ def digits_loaders(
         num_classes=_NUM_CLASSES,
         input_shape=(channels, image_size, image_size),
     )
+
+
+def image_folder_loaders(root: str | Path, image_size: int = 32, batch_size: int = 64, num_workers: int = 2,
+                         seed: int = 0) -> DataSplit:
+    """Loaders over your own images in torchvision's ``ImageFolder`` layout: ``root/train/<class>/*``
+    and ``root/val/<class>/*`` (the same class folders in both). Images are resized to
+    ``image_size`` squared, converted to RGB tensors and normalised with the ImageNet statistics
+    (the usual transforms for torchvision/timm models); the training order is seeded by ``seed``,
+    loading runs in ``num_workers`` processes. Raises ``ConfigError`` for another layout, empty
+    splits or class folders that differ between the splits."""
+    from torchvision import datasets, transforms
+
+    root = Path(root)
+    missing = [str(root / s) for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise ConfigError(f"--dataset {root}: no folder {', '.join(missing)}; an image folder dataset needs "
+                          "ROOT/train/<class>/<images> and ROOT/val/<class>/<images> (torchvision ImageFolder)")
+    transform = transforms.Compose([
+        transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    try:
+        train, val = (datasets.ImageFolder(str(root / s), transform=transform) for s in ("train", "val"))
+    except (FileNotFoundError, RuntimeError) as exc:  # a split without class folders or images
+        raise ConfigError(f"--dataset {root}: {exc}") from exc
+    if train.classes != val.classes:
+        raise ConfigError(f"--dataset {root}: train has classes {train.classes[:5]}..., val {val.classes[:5]}...; "
+                          "both splits need the same class folders")
+    g = torch.Generator().manual_seed(seed)
+    loaders = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataSplit(DataLoader(train, shuffle=True, generator=g, drop_last=len(train) % batch_size == 1, **loaders),
+                     DataLoader(val, shuffle=False, **loaders), len(train.classes), (3, image_size, image_size))

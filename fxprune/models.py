@@ -9,6 +9,8 @@ its activation without an in-place op overwriting a tensor another node still re
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -201,3 +203,51 @@ def calibrate_batchnorm(model: nn.Module, batch: Tensor) -> None:
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     model.eval()
+
+
+def model_from_spec(spec: str, num_classes: int) -> nn.Module:
+    """The CLI's ``--model``: a reference or torchvision name (``build_model``), ``timm:<name>``
+    (timm, an optional extra, with ``pretrained=False``), or ``package.module:factory`` — your own
+    code, called as ``factory(num_classes=...)`` when it takes that argument, else ``factory()``.
+    Raises ``ConfigError`` naming what could not be imported or built."""
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"--model {spec} needs timm: pip install timm") from None
+        try:
+            return timm.create_model(spec[5:], pretrained=False, num_classes=num_classes)
+        except RuntimeError as exc:  # timm's "Unknown model"
+            raise ConfigError(f"--model {spec}: {exc}; see timm.list_models()") from None
+    if ":" not in spec:
+        return build_model(spec, num_classes=num_classes)
+    path, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(path), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model {spec}: cannot import {name!r} from {path!r} ({exc}); the module must be "
+                          "importable from the current folder or PYTHONPATH") from None
+    takes_classes = "num_classes" in inspect.signature(factory).parameters
+    model = factory(num_classes=num_classes) if takes_classes else factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec}: {name}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a ``state_dict`` file into ``model`` (also one saved under a "state_dict" or "model"
+    key). Raises ``ConfigError`` for a missing or unreadable file, or keys and shapes that differ."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"--checkpoint {path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind
+        raise ConfigError(f"--checkpoint {path} is not a state_dict file ({type(exc).__name__}: {exc}); save one "
+                          "with torch.save(model.state_dict(), path)") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--checkpoint {path} does not fit --model: {str(exc).splitlines()[0][:300]}; build the "
+                          "model with the arguments it was trained with (--num-classes)") from exc

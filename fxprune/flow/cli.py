@@ -31,9 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxprune", description="Prune convolutional networks with torch.fx.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="prune a model on a dataset and write the model and a report")
-    c.add_argument("--model", default="resnet20", help="resnet20/resnet56/vgg11_bn/vgg16_bn or a torchvision name")
-    c.add_argument("--dataset", default="digits", choices=list(DATASETS),
-                   help="scikit-learn's bundled handwritten digits, or their harder variant")
+    c.add_argument("--model", default="resnet20",
+                   help="resnet20/resnet56/vgg11_bn/vgg16_bn, a torchvision name, timm:<name>, or "
+                        "package.module:factory (your own code; called with num_classes= if it takes it)")
+    c.add_argument("--dataset", default="digits",
+                   help=f"{' or '.join(DATASETS)} (bundled), or a folder ROOT with ROOT/train/<class>/ and "
+                        "ROOT/val/<class>/ images (ImageFolder layout)")
+    c.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: the dataset's)")
+    c.add_argument("--checkpoint", default=None, help="a state_dict file to start from (your trained weights)")
+    c.add_argument("--workers", type=int, default=2, help="data loading processes for an image folder")
     c.add_argument("--method", default="gdp", choices=method_names())
     c.add_argument("--flops", type=float, default=None, help="FLOPs budget: fraction of dense (0-1] or absolute MACs")
     c.add_argument("--params", type=float, default=None, help="parameter budget: fraction or absolute count")
@@ -45,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lop", action="store_true", help="fine-tune linearly over-parameterized, collapse back")
     c.add_argument("--lr", type=float, default=0.05)
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--image-size", type=int, default=32)
+    c.add_argument("--image-size", "--input-size", type=int, default=32, help="input images are this many pixels square")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None,
                    help="output folder (default runs/<model>-<method>-<time>); must be new or empty")
@@ -104,8 +110,8 @@ def _compile(args: argparse.Namespace) -> int:
     import fxprune
     from fxprune.backends import require_backend
     from fxprune.backends.tensorrt import require_tensorrt
-    from fxprune.data import digits_loaders
-    from fxprune.models import build_model
+    from fxprune.data import digits_loaders, image_folder_loaders
+    from fxprune.models import load_checkpoint, model_from_spec
 
     flops = args.flops if args.flops is not None or args.params is not None else 0.5
     budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to)
@@ -115,9 +121,16 @@ def _compile(args: argparse.Namespace) -> int:
         require_backend(backend)
     out = _out_folder(args)
     torch.manual_seed(args.seed)
-    data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, variant=args.dataset)
-    model = build_model(args.model, num_classes=data.num_classes)
-    print(f"fxprune: {args.method} on {args.model}, digits ({len(data.train.dataset)} train / "
+    if args.dataset in DATASETS:
+        data = digits_loaders(image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
+                              variant=args.dataset)
+    else:
+        data = image_folder_loaders(args.dataset, image_size=args.image_size, batch_size=args.batch_size,
+                                    num_workers=args.workers, seed=args.seed)
+    model = model_from_spec(args.model, num_classes=args.num_classes or data.num_classes)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    print(f"fxprune: {args.method} on {args.model}, {args.dataset} ({len(data.train.dataset)} train / "
           f"{len(data.test.dataset)} test), budget {budget.to_dict()}", flush=True)
     result = fxprune.compile(
         model, args.method, budget, data.example_inputs(), train_loader=data.train, eval_loader=data.test,
