@@ -129,3 +129,6 @@ def test_lop_fine_tune_collapses_back_to_the_pruned_shape():
     assert shapes(result.model) == shapes(plain.model)
     assert any(e["phase"] == "finetune" for e in result.report.epochs)
     assert not torch.equal(result.model.get_parameter("3.weight"), plain.model.get_parameter("3.weight"))
+    assert "fxprune_record" in result.model.meta  # the collapsed model can still be saved
+    with pytest.raises(ConfigError, match="finetune_epochs > 0"):
+        fxprune.compile(net, "l1", fxprune.Budget(flops=0.5), X, progress=False, finetune_lop=True)

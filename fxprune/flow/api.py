@@ -323,6 +323,11 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         raise ConfigError(f"method {m.name!r} learns its decision: pass train_loader and epochs > 0")
     if (epochs > 0 or finetune_epochs > 0) and train_loader is None:
         raise ConfigError(f"epochs={epochs} and finetune_epochs={finetune_epochs} need a train_loader")
+    calib = calib_loader if calib_loader is not None else train_loader
+    if compensate and calib is None:
+        raise ConfigError("compensate=True refits layers on calibration data: pass calib_loader=... (or train_loader)")
+    if finetune_lop and finetune_epochs <= 0:
+        raise ConfigError("finetune_lop=True over-parameterizes the fine-tuning: pass finetune_epochs > 0")
     validate = [validate] if isinstance(validate, str) else list(validate)
     for backend in validate:
         require_backend(backend)
@@ -351,9 +356,6 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         seconds["train"] = time.perf_counter() - t
         acc["gated"] = _accuracy(prepared.module, eval_loader, output)
     t = time.perf_counter()
-    calib = calib_loader if calib_loader is not None else train_loader
-    if compensate and calib is None:
-        raise ConfigError("compensate=True refits layers on calibration data: pass calib_loader=... (or train_loader)")
     pruned = finalize(prepared, data=calib, compensate=compensate, progress=progress)
     seconds["finalize"] = time.perf_counter() - t
     acc["pruned"] = _accuracy(pruned, eval_loader, output)
