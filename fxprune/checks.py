@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,18 +64,25 @@ def example_inputs(inputs: Any, where: str) -> tuple[Any, ...]:
     return inputs
 
 
+def module_arg(value: Any, where: str) -> nn.Module:
+    """``value`` if it is an ``nn.Module``; else a ``ConfigError`` naming the usual mix-ups (a
+    result object holding the model, the class instead of an instance)."""
+    if isinstance(value, nn.Module):
+        return value
+    hint = ""
+    if hasattr(value, "model") and isinstance(getattr(value, "model"), nn.Module):
+        hint = f" (this {type(value).__name__} holds one: pass result.model)"
+    elif isinstance(value, type) and issubclass(value, nn.Module):
+        hint = f" (this is the class {value.__name__}: pass an instance, e.g. {value.__name__}())"
+    raise ConfigError(f"{where} expects an nn.Module, got {type(value).__name__}{hint}")
+
+
 def model(module: Any, where: str) -> nn.Module:
     """The module to trace: refuses what is not an ``nn.Module`` (naming the usual mix-ups), unwraps
     DataParallel / DistributedDataParallel with a warning, refuses meta-device weights and
     hook-based weight/spectral norm (a copy cannot carry them), and warns about parametrized
     modules (traced through, their channels stay)."""
-    if not isinstance(module, nn.Module):
-        hint = ""
-        if hasattr(module, "model") and isinstance(getattr(module, "model"), nn.Module):
-            hint = f" (this {type(module).__name__} holds one: pass result.model)"
-        elif isinstance(module, type) and issubclass(module, nn.Module):
-            hint = f" (this is the class {module.__name__}: pass an instance, e.g. {module.__name__}())"
-        raise ConfigError(f"{where} expects an nn.Module, got {type(module).__name__}{hint}")
+    module = module_arg(module, where)
     if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         warnings.warn(f"{where}: pruning the module inside {type(module).__name__} (model.module); the result is "
                       "not wrapped: wrap it again for multi-GPU training", FxpruneWarning, stacklevel=3)
@@ -163,6 +170,14 @@ def batch(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise ConfigError(f"{where}: batch {name} are a {type(t).__name__}, expected a torch.Tensor (use "
                               "torchvision.transforms.ToTensor or a collate_fn that stacks them)")
     return inputs, labels
+
+
+def batches(data: Any, n: int, where: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches of ``data`` as checked ``(inputs, labels)`` pairs (calibration reads)."""
+    for i, item in enumerate(data):
+        if i >= n:
+            return
+        yield batch(item, where)
 
 
 def batch_matches(inputs: torch.Tensor, example: tuple[Any, ...], where: str) -> None:

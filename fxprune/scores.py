@@ -170,10 +170,7 @@ def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
     was_training = gm.training
     gm.eval()
     try:
-        for i, item in enumerate(data):
-            if i >= batches:
-                break
-            x, y = checks.batch(item, "the taylor score's data")
+        for x, y in checks.batches(data, batches, "the taylor score's data"):
             gm.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(gm(x), y).backward()
     finally:

@@ -60,6 +60,7 @@ from fxprune import checks
 from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, Layer
 from fxprune.passes.sharing import replace_tensor, structural_copy
+from fxprune.passes.verify import leaves
 
 
 @dataclass
@@ -137,17 +138,6 @@ def _error(w: torch.Tensor, xtx: torch.Tensor, xty: torch.Tensor, yty: float) ->
     return float(yty - 2 * (w * xty).sum() + (w * (xtx @ w)).sum())
 
 
-def _calibration(data: Iterable, batches: int) -> list[torch.Tensor]:
-    """The first ``batches`` inputs, read once: a shuffling loader gives other batches on every
-    pass, and each fit must see the same examples in both models."""
-    inputs = []
-    for item in data:
-        if len(inputs) >= batches:
-            break
-        inputs.append(checks.batch(item, "compensate's calibration data")[0])
-    return inputs
-
-
 def _run(model: nn.Module, inputs: list[torch.Tensor], hooks: dict[nn.Module, Any]) -> None:
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     try:
@@ -161,15 +151,7 @@ def _run(model: nn.Module, inputs: list[torch.Tensor], hooks: dict[nn.Module, An
 
 def _outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [torch.cat([t.flatten(1) for t in _tensors(model(x))], 1) for x in inputs]
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for v in value for t in _tensors(v)] if isinstance(value, (list, tuple)) else []
+        return [torch.cat([t.flatten(1) for t in leaves(model(x))], 1) for x in inputs]
 
 
 def compensate(gated: fx.GraphModule, reference: nn.Module, channel_graph: ChannelGraph,
@@ -195,7 +177,9 @@ def compensate(gated: fx.GraphModule, reference: nn.Module, channel_graph: Chann
     work.eval()
     reference.eval()
     try:
-        inputs = _calibration(data, batches)
+        # read once: a shuffling loader gives other batches on every pass, and each fit must see the
+        # same examples in both models
+        inputs = [x for x, _ in checks.batches(data, batches, "compensate's calibration data")]
         before = _outputs(work, inputs)
         target = _outputs(reference, inputs)
         report.forward_passes += 2 * len(before)

@@ -95,6 +95,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune import checks
 from fxprune.errors import ConfigError, FxpruneWarning
 
 __all__ = ["ExpandedConv2d", "ExpandedLinear", "expand", "collapse"]
@@ -301,15 +302,6 @@ def _expand_linear(lin: nn.Linear, width: float, gen: torch.Generator | None) ->
 
 # --- model-level passes ---------------------------------------------------------------------------
 
-def _module_arg(model: object, where: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        hint = ""
-        if isinstance(model, type) and issubclass(model, nn.Module):
-            hint = f" (this is the class {model.__name__}: pass an instance)"
-        raise ConfigError(f"{where} expects an nn.Module, got {type(model).__name__}{hint}")
-    return model
-
-
 def _check_width(width: object) -> float:
     if isinstance(width, bool) or not isinstance(width, numbers.Real) or not math.isfinite(float(width)):
         raise ConfigError(f"fxprune.passes.lop.expand: width must be a finite number >= 1 (the hidden width is "
@@ -379,7 +371,7 @@ def expand(model: nn.Module, width: int | float = DEFAULT_WIDTH, *, convs: bool 
     not in the model or not a layer that can be expanded (the message says why).
     """
     where = "fxprune.passes.lop.expand"
-    model = _module_arg(model, where)
+    model = checks.module_arg(model, where)
     width = _check_width(width)
     for flag, value in (("convs", convs), ("linears", linears)):
         if not isinstance(value, bool):
@@ -453,7 +445,7 @@ def collapse(model: nn.Module) -> nn.Module:
     it computes what ``model`` computes now, trained or not, up to float rounding. ``model`` itself
     is not modified. Raises ``ConfigError`` if ``model`` is not an ``nn.Module``.
     """
-    model = _module_arg(model, "fxprune.passes.lop.collapse")
+    model = checks.module_arg(model, "fxprune.passes.lop.collapse")
     out = copy.deepcopy(model)
     for mod, ns in _occurrences(out, _Product).values():
         if isinstance(mod, _Product):

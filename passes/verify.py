@@ -106,7 +106,8 @@ def record(gm: fx.GraphModule, inputs: Sequence[Any], taps: dict[str, Tap]) -> t
         return tapper.run(*inputs), tapper.values
 
 
-def _leaves(value: Any) -> list[torch.Tensor]:
+def leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) output, in order. Raises nothing."""
     out: list[torch.Tensor] = []
     if isinstance(value, dict):
         value = list(value.values())
@@ -128,7 +129,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def compare_outputs(new_out: Any, ref_out: Any) -> tuple[float, float]:
     """(max abs, max relative) difference over matching output tensors; NaN/Inf is infinite.
     Raises ``EquivalenceError`` when the outputs differ in number or shape."""
-    ref_leaves, new_leaves = _leaves(ref_out), _leaves(new_out)
+    ref_leaves, new_leaves = leaves(ref_out), leaves(new_out)
     if len(ref_leaves) != len(new_leaves):
         raise EquivalenceError(f"finalized module returns {len(new_leaves)} tensors, the gated module {len(ref_leaves)}")
     worst_abs, worst_rel = 0.0, 0.0
@@ -178,7 +179,7 @@ def _run(candidate: fx.GraphModule, inputs: Sequence[Any]) -> Any:
 
 def _float64_rel_diff(reference: fx.GraphModule, candidate: fx.GraphModule, inputs: Sequence[Any]) -> float | None:
     """The comparison redone in float64, or None when the inputs are not float32."""
-    if not any(isinstance(x, torch.Tensor) and x.dtype == torch.float32 for x in _leaves(list(inputs))):
+    if not any(isinstance(x, torch.Tensor) and x.dtype == torch.float32 for x in leaves(list(inputs))):
         return None
     to64 = lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
     inputs64 = map_aggregate(tuple(inputs), to64)
@@ -202,7 +203,7 @@ def verify_against(reference: fx.GraphModule, ref_out: Any, candidate: fx.GraphM
     worst_abs, worst_rel = compare_outputs(_run(candidate, inputs), ref_out)
     if worst_rel <= rtol:
         return worst_abs, worst_rel
-    if not all(bool(torch.isfinite(t).all()) for t in _leaves(ref_out)):
+    if not all(bool(torch.isfinite(t).all()) for t in leaves(ref_out)):
         raise EquivalenceError("the gated module itself outputs NaN or Inf on the example inputs, so no pruned "
                                "module can be checked against it: check the model's weights and inputs",
                                max_abs_diff=worst_abs)

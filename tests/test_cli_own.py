@@ -67,6 +67,9 @@ def test_own_model_own_images_and_a_checkpoint(tmp_path, folder, own_module):
 def test_timm_model_by_name(tmp_path, folder):
     pytest.importorskip("timm")
     assert _run(tmp_path, "--model", "timm:resnet10t", "--dataset", str(folder)) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["groups"][-1]["size"] == 3  # the classifier has the folder's three classes
+    assert report["pruned"]["flops"] <= report["target"]["flops"] < report["dense"]["flops"]
     assert (tmp_path / "run" / "model.fxprune").is_file()
 
 

@@ -175,9 +175,10 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     report = FinalizeReport()
     cg = prepared.channel_graph
     if compensate:
-        applied = apply_decision(prepared.module, cg, decision.complete(cg))
+        complete = decision.complete(cg)
+        applied = apply_decision(prepared.module, cg, complete)
         options = dict(compensate) if isinstance(compensate, dict) else {}
-        applied, fitted = compensate_pass(applied, prepared.module, cg, decision.complete(cg).keep, data,
+        applied, fitted = compensate_pass(applied, prepared.module, cg, complete.keep, data,
                                           weight_masks=decision.weight_masks, progress=progress, **options)
         prepared.compensation = fitted
         model = finalize_pass(applied, cg, rtol=rtol, report=report)  # the gates hold the decision
@@ -336,7 +337,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     prepared.ctx.show_progress = progress
     example_inputs = prepared.ctx.example_inputs
     seconds["prepare"] = time.perf_counter() - t
-    acc = {"input": _accuracy(_without_hooks(model), eval_loader, output)}  # the model as given
+    acc = {"input": _accuracy(_without_hooks(model), eval_loader, output) if eval_loader is not None else None}
     logs: list[dict[str, Any]] = []
     fit = dict(lr=lr, weight_decay=weight_decay, loss_fn=loss_fn, output=output, example_inputs=example_inputs,
                eval_loader=eval_loader, progress=progress)
@@ -419,6 +420,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, s
 def _validate(dense, pruned, example_inputs, backends: list[str]) -> dict[str, Any]:
     from fxprune.backends import compare_latency
 
-    results = {b: compare_latency(_without_hooks(dense).eval(), pruned, backend=b,
-                                  example_inputs=tuple(example_inputs)).to_dict() for b in backends}
+    dense = _without_hooks(dense).eval()  # compare_latency copies it again per backend: this copy only drops hooks
+    results = {b: compare_latency(dense, pruned, backend=b, example_inputs=tuple(example_inputs)).to_dict()
+               for b in backends}
     return results[backends[0]] if len(results) == 1 else {"backends": results, **results[backends[0]]}

@@ -150,9 +150,10 @@ def _compile(args: argparse.Namespace) -> int:
         summary += (f"\nexport ({args.export}): {exported.path}, max abs diff vs PyTorch "
                     f"{exported.max_abs_diff:.2e} at batch sizes {exported.checked_batch_sizes}")
         written.insert(1, Path(exported.path))
-    write_atomic(out / "report.json", json.dumps(report, indent=2, default=str))
+    text = json.dumps(report, indent=2, default=str)
+    write_atomic(out / "report.json", text)
     write_atomic(out / "summary.txt", summary + "\n")
-    write_atomic(out / "report.html", render_html(json.loads(json.dumps(report, default=str)), summary))
+    write_atomic(out / "report.html", render_html(json.loads(text), summary))  # the page reads what the file holds
     written.append(out / "report.html")
     for stale in set(RUN_FILES) - {p.name for p in written}:  # an earlier run's, replaced by this one
         (out / stale).unlink(missing_ok=True)

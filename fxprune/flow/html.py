@@ -18,13 +18,15 @@ from fxprune.errors import ConfigError
 from fxprune.files import atomic_path, write_atomic
 
 
-def _figure(width: float = 6.4, height: float = 3.2):
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1):
+    """(pyplot, figure, axes as a flat list) on the non-interactive backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(width, height), dpi=110)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=110, squeeze=False, sharex=rows > 1)
+    return plt, fig, list(axes.ravel())
 
 
 def _png(plt, fig) -> bytes:
@@ -38,7 +40,7 @@ def _png(plt, fig) -> bytes:
 def widths_png(report: dict[str, Any]) -> bytes:
     """Bars per channel group: its dense width and what the pruned model kept."""
     groups = report["groups"]
-    plt, fig, ax = _figure(max(6.4, 0.35 * len(groups)), 3.2)
+    plt, fig, (ax,) = _figure(max(6.4, 0.35 * len(groups)), 3.2)
     xs = range(len(groups))
     ax.bar(xs, [g["size"] for g in groups], color="#cccccc", label="dense")
     ax.bar(xs, [g["kept"] for g in groups], color=["#1f77b4" if g["prunable"] else "#999999" for g in groups],
@@ -56,9 +58,7 @@ def curves_png(report: dict[str, Any]) -> bytes | None:
     if not epochs:
         return None
     extra = sorted({k for e in epochs for k, v in e.get("extra", {}).items() if isinstance(v, (int, float))})
-    plt, fig, axes = _figure(6.4, 2.6 * (2 + bool(extra)))
-    fig.clf()
-    axes = fig.subplots(2 + bool(extra), 1, sharex=True)
+    plt, fig, axes = _figure(6.4, 2.6 * (2 + bool(extra)), rows=2 + bool(extra))
     xs = list(range(1, len(epochs) + 1))
     axes[0].plot(xs, [e["train_loss"] for e in epochs], marker="o", label="train loss")
     axes[0].set_ylabel("loss")
@@ -85,7 +85,7 @@ def latency_png(report: dict[str, Any]) -> bytes | None:
     lat = report.get("latency")
     if not lat:
         return None
-    plt, fig, ax = _figure(4.0, 2.4)
+    plt, fig, (ax,) = _figure(4.0, 2.4)
     ms = [lat["dense"]["median_ms"], lat["pruned"]["median_ms"]]
     ax.barh(["dense", "pruned"], ms, color=["#999999", "#1f77b4"])
     ax.set_xlabel(f"median latency, ms ({lat['settings']['backend']})")
@@ -162,9 +162,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         points.append((d.name, r["pruned"]["flops"] / r["dense"]["flops"], acc[-1] if acc else None,
                        (r.get("latency") or {}).get("pruned", {}).get("median_ms")))
     with_latency = any(p[3] is not None for p in points)
-    plt, fig, axes = _figure(6.4 * (1 + with_latency), 3.6)
-    fig.clf()
-    axes = fig.subplots(1, 1 + with_latency, squeeze=False)[0]
+    plt, fig, axes = _figure(6.4 * (1 + with_latency), 3.6, cols=1 + with_latency)
     for name, macs, acc, ms in points:
         if acc is None:
             continue

@@ -81,7 +81,7 @@ def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Sequen
     found = cg.fingerprint(gm)
     if found != payload["fingerprint"]:
         raise ConfigError(
-            f"fxprune.load: the model traced on inputs of shapes {[list(t.shape) for t in checks.example_inputs(example_inputs, 'fxprune.load')]} "
+            f"fxprune.load: the model traced on inputs of shapes {[list(t.shape) for t in gm.meta['fxprune_example_inputs'] if isinstance(t, torch.Tensor)]} "
             f"has graph fingerprint {found}, the saved one {payload['fingerprint']} (pruned by fxprune "
             f"{payload['fxprune_version']} from inputs of shapes {payload['input_shapes']}): the architecture or the "
             "input size changed; build the model with the same code and arguments, and pass inputs of the saved size")

@@ -103,15 +103,16 @@ class Functionality(Method):
                                   "calibration data: pass calib_loader=... (or train_loader) to compile, or "
                                   "data=... to finalize; representation='ascent' needs none")
             described = self._responses(ctx, groups, data)
-        trees = {gid: _tree(vectors) for gid, (vectors, _) in described.items()}
+        distances = {gid: _distances(vectors) for gid, (vectors, _) in described.items()}
+        trees = {gid: _tree(d) for gid, d in distances.items()}
         # one score per unit: the n - 1 merge heights (removing one more unit costs the next merge), and
         # the last unit of a group, which is never merged away
         heights = {gid: np.append(np.sort(z[:, 2]), np.inf) for gid, z in trees.items()}
         counts = allocate(ctx.cost, ctx.targets, heights)
         keep = {}
         for g in groups:
-            vectors, activity = described[g.id]
-            keep[g.id] = _representatives(trees[g.id], vectors, activity, int(counts[g.id].sum()), self.options.keep)
+            keep[g.id] = _representatives(trees[g.id], distances[g.id], described[g.id][1], int(counts[g.id].sum()),
+                                          self.options.keep)
         return Decision(keep)
 
     def report(self, ctx: Context) -> dict[str, Any]:
@@ -136,17 +137,13 @@ class Functionality(Method):
         gm.eval()
         try:
             with torch.no_grad():
-                bar = tqdm(data, total=min(self.options.batches, len(data)), desc="functionality: calibration",
-                           disable=not ctx.show_progress, leave=False)
-                for i, item in enumerate(bar):
-                    if i >= self.options.batches:
-                        break
-                    x, y = checks.batch(item, "functionality's calibration data")
+                read = checks.batches(data, self.options.batches, "functionality's calibration data")
+                for x, y in tqdm(read, total=min(self.options.batches, len(data)), desc="functionality: calibration",
+                                 disable=not ctx.show_progress, leave=False):
                     gm(x)
                     labels.append(y)
                     self.cost["forward_passes"] += 1
                     self.cost["examples"] += int(x.shape[0])
-                bar.close()
         finally:
             for h in handles:
                 h.remove()
@@ -248,22 +245,21 @@ def _distances(vectors: np.ndarray) -> np.ndarray:
     return d
 
 
-def _tree(vectors: np.ndarray) -> np.ndarray:
-    """Average-linkage merges of the units (scipy's linkage matrix; empty for one unit)."""
-    if len(vectors) < 2:
+def _tree(d: np.ndarray) -> np.ndarray:
+    """Average-linkage merges of the units on distances ``d`` (scipy's linkage matrix; empty for one unit)."""
+    if len(d) < 2:
         return np.zeros((0, 4))
-    return linkage(squareform(_distances(vectors), checks=False), method="average")
+    return linkage(squareform(d, checks=False), method="average")
 
 
-def _representatives(tree: np.ndarray, vectors: np.ndarray, activity: np.ndarray, k: int, rule: str) -> np.ndarray:
+def _representatives(tree: np.ndarray, d: np.ndarray, activity: np.ndarray, k: int, rule: str) -> np.ndarray:
     """Keep mask with one unit per cluster when the tree is cut into ``k`` clusters."""
-    n = len(vectors)
+    n = len(d)
     keep = np.zeros(n, dtype=bool)
     if k >= n:
         keep[:] = True
         return keep
     labels = cut_tree(tree, n_clusters=k).ravel() if len(tree) else np.zeros(n, dtype=int)
-    d = _distances(vectors)
     for c in np.unique(labels):
         members = np.nonzero(labels == c)[0]
         if rule == "medoid":
