@@ -60,6 +60,7 @@ class CostModel:
     def __init__(self, gm: fx.GraphModule, cg: ChannelGraph):
         """``gm`` is the traced module ``cg`` was computed from (no gates or other additions)."""
         self.cg = cg
+        self.gm = gm
         self.layers = [
             _LayerCost(l.macs_per_pair, l.groups > 1, l.in_per_group, _terms(cg, l.in_ids), _terms(cg, l.out_ids))
             for l in cg.layers
@@ -95,6 +96,16 @@ class CostModel:
             inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
             total = total + l.macs_per_pair * out * inp
         return total
+
+    def weight_macs(self) -> dict[str, int]:
+        """Dense MACs per example of the layers that use each conv/linear weight (by its qualified
+        name; a shared weight sums its layers): a weight's share of them is its density."""
+        out: dict[str, int] = {}
+        keep = self._complete({})
+        for layer, l in zip(self.cg.layers, self.layers):
+            inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
+            out[layer.weight] = out.get(layer.weight, 0) + int(l.macs_per_pair * _count(l.outputs, keep) * inp)
+        return out
 
     def params(self, keep: dict | None = None) -> float | torch.Tensor:
         """Number of parameters (buffers such as BN statistics are not counted)."""

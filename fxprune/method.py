@@ -45,6 +45,7 @@ class Context:
     step: int = 0
     total_steps: int | None = None
     show_progress: bool = True  # progress bars for a method's own long work (compile's progress)
+    optimizer: torch.optim.Optimizer | None = None  # the training loop's, where it told (compile, Prepared.step)
 
     @property
     def progress(self) -> float:
@@ -80,10 +81,12 @@ class Method:
     Class attributes: ``name``; ``Options`` (a dataclass; ``describe()`` and the report come
     from it); ``needs_training`` (decides from what training learned: compile refuses to run it
     without a loader); ``needs_total_steps`` (schedules over the run); ``needs_data`` (``decide``
-    reads a calibration loader).
+    reads a calibration loader); ``granularity`` (``"channel"``: removes units of channel groups
+    under a flops/params budget; ``"weight"``: zeroes single weights under a sparsity budget).
     """
 
     name: ClassVar[str] = "method"
+    granularity: ClassVar[str] = "channel"
     Options: ClassVar[type] = NoOptions
     needs_training: ClassVar[bool] = False
     needs_total_steps: ClassVar[bool] = False
@@ -123,6 +126,11 @@ class Method:
     def parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
         """The method's own trainable parameters (gates), optimised in their own group."""
         return []
+
+    def lr_factor(self, ctx: Context, step: int) -> float | None:
+        """The learning-rate multiplier at 0-based ``step``, for a method whose mechanism includes
+        the rate (cyclic training restarts it per cycle); None (default): the trainer's schedule."""
+        return None
 
     def schedule(self, ctx: Context) -> dict[str, float]:
         """Current values of the method's schedules (lambda, temperature ...), for logs."""

@@ -90,6 +90,8 @@ def train(
     desc: str = "train",
     log: Callable[[dict], None] | None = None,
     epoch_metrics: Callable[[], dict] | None = None,
+    lr_factor: Callable[[int], float] | None = None,
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[EpochLog]:
     """Train ``model`` in place for ``epochs`` epochs and return one ``EpochLog`` per epoch.
@@ -101,7 +103,9 @@ def train(
     with the 0-based index of the step just taken, counted across epochs. ``train_step(batch,
     optimizer) -> (outputs, task loss)`` replaces forward to optimizer step when given. ``schedule="cosine"``
     anneals every group's rate to zero over all steps (per step, not per epoch, so short
-    runs anneal smoothly). ``log`` receives each epoch's log as a dict and
+    runs anneal smoothly); ``lr_factor(step)`` replaces the schedule by that multiplier of ``lr``
+    (a method's own, e.g. per-cycle restarts). ``on_optimizer`` receives the optimizer once it
+    exists (a method that edits its state). ``log`` receives each epoch's log as a dict and
     ``epoch_metrics()`` fills its ``extra`` (e.g. the current FLOPs of a gated model).
     The model is moved to ``device``. Seeding is the caller's job; the loop itself uses
     no nondeterministic op, so a fixed ``torch.manual_seed`` reproduces a run.
@@ -129,11 +133,14 @@ def train(
     if not groups:
         raise ConfigError("no parameters to optimize (params and extra_param_groups are empty)")
     opt = _make_optimizer(optimizer, groups, lr, momentum, weight_decay)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        if schedule == "cosine"
-        else None
-    )
+    if on_optimizer is not None:
+        on_optimizer(opt)
+    if lr_factor is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    elif schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    else:
+        scheduler = None
     criterion = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     where = f"{desc}: the training loader"
     _warn_single_example_batch(model, loader, where)

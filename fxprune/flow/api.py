@@ -29,6 +29,8 @@ from fxprune.passes.finalize import FinalizeReport
 from fxprune.passes.finalize import finalize as finalize_pass
 from fxprune.passes import lop
 from fxprune.passes.gates import apply_decision
+from fxprune.passes.masks import has_masks, remove_masks
+from fxprune import sparsity as sp
 from fxprune.tracing import trace
 
 
@@ -38,6 +40,16 @@ def _check_budget(budget: Any, where: str) -> None:
     if not isinstance(budget, Budget):
         raise ConfigError(f"{where}: budget must be an fxprune.Budget, got {type(budget).__name__} ({budget!r}); "
                           "e.g. fxprune.Budget(flops=0.5)")
+
+
+def _check_granularity(m: Method, budget: Budget) -> None:
+    if budget.weights and m.granularity != "weight":
+        raise ConfigError(f"method {m.name!r} removes channels, and Budget(sparsity=/nm=) limits single weights: use a "
+                          f"weight method ({', '.join(n for n, c in sorted(METHODS.items()) if c.granularity == 'weight')}"
+                          ") or a channel budget, Budget(flops=...)")
+    if not budget.weights and m.granularity == "weight":
+        raise ConfigError(f"method {m.name!r} zeroes single weights: give it Budget(sparsity=0.9) or Budget(nm=(2, 4)); "
+                          "to prune channels use a channel method (l1, gdp, ...) with Budget(flops=...)")
 
 
 def get_method(method: str | Method, **options: Any) -> Method:
@@ -69,6 +81,7 @@ class Prepared:
     decision: Decision | None = None
     measured: dict[str, int] | None = None  # the finalized module's MACs and parameters, counted
     compensation: CompensationReport | None = None
+    sparsity: sp.SparsityReport | None = None  # a weight budget's zeros, counted on the finalized module
 
     @property
     def module(self) -> fx.GraphModule:
@@ -93,8 +106,12 @@ class Prepared:
     def after_backward(self) -> None:
         self.method.after_backward(self.ctx)
 
-    def step(self) -> None:
-        """After the optimizer step: count it, then advance the method's schedules."""
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After the optimizer step: count it, then advance the method's schedules. Pass the
+        ``optimizer`` for methods that edit its state (weight methods clear the momentum of
+        removed weights; sculpt starts each cycle with a fresh state)."""
+        if optimizer is not None:
+            self.ctx.optimizer = optimizer
         self.ctx.step += 1
         self.method.after_step(self.ctx)
 
@@ -103,7 +120,7 @@ class Prepared:
         if self.method.train_step is None:
             raise ConfigError(f"method {self.method.name!r} does not own the training step; use loss/step")
         out = self.method.train_step(self.ctx, batch, optimizer)
-        self.step()
+        self.step(optimizer)
         return out
 
     def model_parameters(self) -> list[torch.nn.Parameter]:
@@ -134,13 +151,14 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     """Trace and analyze ``model`` (a copy), resolve ``budget`` and let the method prepare.
 
     Raises ``ConfigError`` (missing budget or inputs, unknown method or option, a method that
-    schedules over the run without ``total_steps``, NaN/Inf weights or inputs, and what
-    ``trace`` refuses), ``TraceError``, ``BudgetError`` (a budget below what the unprunable
-    layers cost).
+    schedules over the run without ``total_steps``, a channel method with a sparsity budget or
+    the reverse, NaN/Inf weights or inputs, and what ``trace`` refuses), ``TraceError``,
+    ``BudgetError`` (a budget below what the unprunable layers cost).
     """
     _check_budget(budget, "fxprune.prepare")
     example_inputs = checks.example_inputs(example_inputs, "fxprune.prepare")
     m = get_method(method, **method_options)
+    _check_granularity(m, budget)
     if m.needs_total_steps and not total_steps:
         raise ConfigError(f"{m.name} needs total_steps (the number of optimizer steps you will train) for its "
                           "schedules: fxprune.prepare(..., total_steps=epochs * len(loader))")
@@ -162,8 +180,10 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     gives its options, e.g. ``{"ridge": 1e-4}``; its report is ``prepared.compensation``); the finalized module is then checked against the
     compensated one. The result is checked twice: it computes what the
     decision means, and its cost, measured on the finalized module itself (its MACs counted by
-    tracing it, its parameters counted), meets the budget. ``prepared.measured`` holds what was
-    counted. Raises ``EquivalenceError`` (the finalized module computes something else),
+    tracing it, its parameters counted; under a sparsity budget its zero weights, globally, per
+    layer or per N:M group), meets the budget. ``prepared.measured`` (and ``prepared.sparsity``)
+    hold what was counted. A weight method's masks are baked into the weights: the result is a
+    plain module, no parametrization left. Raises ``EquivalenceError`` (the finalized module computes something else),
     ``BudgetError`` (a decision above the budget, or units finalize had to keep because removed
     channels feed them constants), ``ConfigError`` (not a ``Prepared``; a decision that does not
     fit the channel graph).
@@ -174,16 +194,17 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     decision = prepared.method.decide(prepared.ctx, data)
     report = FinalizeReport()
     cg = prepared.channel_graph
+    module = remove_masks(prepared.module) if has_masks(prepared.module) else prepared.module
     if compensate:
         complete = decision.complete(cg)
-        applied = apply_decision(prepared.module, cg, complete)
+        applied = apply_decision(module, cg, complete)
         options = dict(compensate) if isinstance(compensate, dict) else {}
-        applied, fitted = compensate_pass(applied, prepared.module, cg, complete.keep, data,
+        applied, fitted = compensate_pass(applied, module, cg, complete.keep, data,
                                           weight_masks=decision.weight_masks, progress=progress, **options)
         prepared.compensation = fitted
         model = finalize_pass(applied, cg, rtol=rtol, report=report)  # the gates hold the decision
     else:
-        model = finalize_pass(prepared.module, cg, decision, rtol=rtol, report=report)
+        model = finalize_pass(module, cg, decision, rtol=rtol, report=report)
     prepared.decision, prepared.finalize_report = decision, report
     measured = {"macs": count_macs(model, prepared.ctx.example_inputs),
                 "params": sum(p.numel() for p in model.parameters())}
@@ -196,6 +217,10 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
                f"method {prepared.method.name!r} decided more than the budget allows (its decide must meet "
                "ctx.targets, e.g. through fxprune.budget.allocate)")
         raise BudgetError(f"the finalized model misses its budget: {said} (measured on the finalized module); {why}")
+    weights = prepared.targets.weights
+    if weights is not None:
+        prepared.sparsity = sp.measure(model, weights, prepared.cost.weight_macs())
+        sp.check(prepared.sparsity, weights, model)
     return model
 
 
@@ -221,6 +246,7 @@ class CompileReport:
     method_report: dict[str, Any] = field(default_factory=dict)
     compensation: dict[str, Any] | None = None
     leaves: dict[str, str] = field(default_factory=dict)  # submodules tracing kept opaque, and why
+    sparsity: dict[str, Any] | None = None  # a weight budget: zeros per layer and overall, non-zero MACs, bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,6 +275,12 @@ class CompileReport:
             lines.append(f"compensation: {fitted} of {len(c['layers'])} consumer layers refitted, calibration output "
                          f"error {c['output_error']['without']:.3g} -> {c['output_error']['with']:.3g}"
                          + ("" if c["used"] else " (worse: not applied)"))
+        if self.sparsity:
+            z = self.sparsity
+            lines.append(f"weights: {z['overall']:.1%} zero over {z['target']['prunable_weights']:,} prunable "
+                         f"(target {z['target']['nm'] or z['target']['sparsity']}), non-zero MACs "
+                         f"{z['nonzero_macs'] / z['dense_macs']:.1%} of the layers' {z['dense_macs']:,}; stored "
+                         f"{z['bytes_dense'] / 1e6:.2f} MB dense, {z['bytes_sparse'] / 1e6:.2f} MB sparse")
         for k, v in self.accuracy.items():
             if v is not None:
                 lines.append(f"accuracy ({k}) {v:.4f}")
@@ -327,6 +359,9 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     calib = calib_loader if calib_loader is not None else train_loader
     if compensate and calib is None:
         raise ConfigError("compensate=True refits layers on calibration data: pass calib_loader=... (or train_loader)")
+    if finetune_lop and budget.weights:
+        raise ConfigError("finetune_lop=True multiplies each layer out of two dense factors, which would fill a sparse "
+                          "model's zeros; fine-tune a sparsity budget's model without it")
     if finetune_lop and finetune_epochs <= 0:
         raise ConfigError("finetune_lop=True over-parameterizes the fine-tuning: pass finetune_epochs > 0")
     validate = [validate] if isinstance(validate, str) else list(validate)
@@ -346,11 +381,13 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         own = prepared.method_parameters()
         groups = [{"params": own, "lr": gate_lr, "weight_decay": 0.0}] if own else None
         ctx = prepared.ctx
-        overrides = {hook: getattr(type(m), hook) is not getattr(Method, hook) for hook in ("loss", "after_backward")}
+        overrides = {hook: getattr(type(m), hook) is not getattr(Method, hook)
+                     for hook in ("loss", "after_backward", "lr_factor")}
         for e in train(prepared.module, train_loader, epochs, params=prepared.model_parameters(),
                        extra_param_groups=groups, extra_loss=prepared.loss if overrides["loss"] else None,
                        after_backward=prepared.after_backward if overrides["after_backward"] else None,
-                       on_step=lambda s: prepared.step(),
+                       on_step=lambda s: prepared.step(), on_optimizer=lambda opt: setattr(ctx, "optimizer", opt),
+                       lr_factor=(lambda step: _own_rate(m, ctx, step)) if overrides["lr_factor"] else None,
                        train_step=(lambda batch, opt: m.train_step(ctx, batch, opt)) if m.train_step else None,
                        desc=f"{m.name} train", epoch_metrics=lambda: m.schedule(ctx), **fit):
             logs.append({"phase": "train", **asdict(e)})
@@ -363,10 +400,16 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     if finetune_epochs > 0:
         t = time.perf_counter()
         work = lop.expand(pruned, **(finetune_lop if isinstance(finetune_lop, dict) else {})) if finetune_lop else pruned
-        for e in train(work, train_loader, finetune_epochs, desc="fine-tune" + (" (LOP)" if finetune_lop else ""), **fit):
+        frozen = _FrozenZeros(work, prepared.targets.weights) if prepared.sparsity is not None else None
+        for e in train(work, train_loader, finetune_epochs, desc="fine-tune" + (" (LOP)" if finetune_lop else ""),
+                       after_backward=frozen.mask_grads if frozen else None,
+                       on_step=frozen.rezero if frozen else None, **fit):
             logs.append({"phase": "finetune", **asdict(e)})
         if finetune_lop:
             pruned = _collapsed(work, example_inputs)
+        if frozen is not None:  # the fine-tuned weights are what the report and the budget check read
+            prepared.sparsity = sp.measure(pruned, prepared.targets.weights, prepared.cost.weight_macs())
+            sp.check(prepared.sparsity, prepared.targets.weights, pruned)
         seconds["finetune"] = time.perf_counter() - t
         acc["finetuned"] = _accuracy(pruned, eval_loader, output)
     pruned.eval()
@@ -376,6 +419,30 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         report.latency = _validate(model, pruned, example_inputs, validate)
         seconds["validate"] = time.perf_counter() - t
     return CompileResult(pruned, report, prepared)
+
+
+def _own_rate(m: Method, ctx: Context, step: int) -> float:
+    factor = m.lr_factor(ctx, step)
+    return 1.0 if factor is None else factor
+
+
+class _FrozenZeros:
+    """Fine-tuning a sparse model: the zero weights of a weight budget get no gradient and stay 0
+    (momentum and weight decay cannot move them either: they are re-zeroed after every step)."""
+
+    def __init__(self, model: torch.nn.Module, weights: sp.WeightTargets) -> None:
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n], params[n].detach() != 0) for n in weights.sizes]
+
+    def mask_grads(self) -> None:
+        for p, keep in self.pairs:
+            if p.grad is not None:
+                p.grad.mul_(keep.to(p.grad.dtype))
+
+    def rezero(self, step: int) -> None:
+        with torch.no_grad():
+            for p, keep in self.pairs:
+                p.mul_(keep.to(p.dtype))
 
 
 def _collapsed(expanded: torch.nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
@@ -400,6 +467,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, s
         method_options=m.describe(),
         method_report=m.report(prepared.ctx),
         compensation=asdict(prepared.compensation) if prepared.compensation is not None else None,
+        sparsity=asdict(prepared.sparsity) if prepared.sparsity is not None else None,
         leaves=dict(prepared.ctx.leaf_modules),
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",

@@ -12,6 +12,11 @@ consumers of removed channels, ``compile(compensate=True)``) and/or ``+lop`` (fi
 over-parameterized, ``compile(finetune_lop=True)``).
 Per run: test accuracy before and after fine-tuning (and of the trained gated model), MACs and
 parameters counted on the finalized module, the width each group kept, and wall time per phase.
+With ``sparsity`` targets (fractions of zero weights, or ``"2:4"`` for N:M) the weight methods
+run instead: every run (dense too) trains ``epochs + finetune`` epochs, since their fixed-mask
+fine-tune is part of their schedule; per run the accuracy, the achieved sparsity, the MACs that
+multiply non-zero weights and the sparse stored size. A method that cannot take N:M (granet,
+sculpt) skips the N:M targets.
 Runs go to worker processes (``jobs``), torch on one thread each; results are rewritten
 atomically after every run (JSON, markdown, and a PNG of accuracy vs MACs), and ``resume`` skips
 runs already in the JSON.
@@ -58,14 +63,50 @@ class BenchConfig:
     data_options: dict[str, Any] = field(default_factory=dict)  # more digits_loaders arguments (hard=...)
     pretrained: bool = False  # methods prune the trained dense model of their seed (no method training)
     dense_cache: str = ""  # folder of trained dense weights per seed (set by bench when pretrained)
+    sparsity: tuple[float | str, ...] = ()  # weight-sparsity targets ("2:4" for N:M) instead of FLOPs
 
-    def runs(self) -> list[tuple[str, float, int]]:
+    def runs(self) -> list[tuple[str, float | str, int]]:
+        if self.sparsity:
+            dense = [("dense", 0.0, s) for s in self.seeds]
+            return dense + [(m, t, s) for t in self.sparsity for m in self.methods if _takes(m, t) for s in self.seeds]
         dense = [("dense", 1.0, s) for s in self.seeds]
         return dense + [(m, f, s) for f in self.flops for m in self.methods for s in self.seeds]
 
 
-def _key(method: str, flops: float, seed: int) -> str:
-    return f"{method}/{flops:g}/{seed}"
+def _takes(method: str, target: float | str) -> bool:
+    from fxprune.method import METHODS
+
+    return ("nm" if isinstance(target, str) else "sparsity") in getattr(METHODS[parse_method(method)[0]], "budgets", ())
+
+
+def _key(method: str, target: float | str, seed: int) -> str:
+    return f"{method}/{target if isinstance(target, str) else format(target, 'g')}/{seed}"
+
+
+def _target(run: Run) -> float | str:
+    return run["target"] if "target" in run else run["flops_target"]
+
+
+def parse_target(text: str) -> float | str:
+    """A bench sparsity target: ``"0.9"`` (fraction of zero weights) or ``"2:4"`` (N:M)."""
+    if ":" in text:
+        n, _, m = text.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise ConfigError(f"N:M target {text!r}: expected n:m with 0 < n < m, e.g. 2:4")
+        return text
+    value = float(text)
+    if not 0 < value < 1:
+        raise ConfigError(f"sparsity target {text!r}: expected a fraction of zero weights in (0, 1)")
+    return value
+
+
+def _budget(target: float | str):
+    from fxprune import Budget
+
+    if isinstance(target, str):
+        n, _, m = target.partition(":")
+        return Budget(nm=(int(n), int(m)))
+    return Budget(sparsity=target)
 
 
 FLAGS = ("compensate", "lop")
@@ -109,7 +150,8 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
     model = build_model(cfg.model, num_classes=data.num_classes)
     x = data.example_inputs()
     dense_macs = fxprune.count_macs(model, x)
-    run: Run = {"method": method, "flops_target": flops, "seed": seed}
+    weights = bool(cfg.sparsity)
+    run: Run = {"method": method, "target" if weights else "flops_target": flops, "seed": seed}
     if method == "dense" or cfg.pretrained:
         t = time.perf_counter()
         _train_dense(cfg, seed, model, data.train)
@@ -118,7 +160,9 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
         return {**run, "accuracy": evaluate(model, data.test), "accuracy_before_finetune": None,
                 "accuracy_gated": None, "macs": dense_macs, "macs_fraction": 1.0,
                 "params": sum(p.numel() for p in model.parameters()), "seconds": {"train": seconds},
-                "widths": {}, "method_options": {}}
+                "widths": {}, "method_options": {}, **(_dense_weights(model) if weights else {})}
+    if weights:
+        return {**run, **_weight_run(cfg, method, flops, model, data, x)}
     name, options = parse_method(method)
     flags = parse_flags(method)[1]
     options = {**cfg.method_options.get(name, {}), **options}
@@ -134,6 +178,30 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
             "seconds": dict(r.seconds), "method_options": r.method_options,
             "widths": {str(g["id"]): [g["kept"], g["size"]] for g in r.groups if g["prunable"]},
             "max_rel_diff": r.equivalence["max_rel_diff"]}
+
+
+def _dense_weights(model: torch.nn.Module) -> Run:
+    from fxprune.sparsity import saved_bytes
+
+    return {"sparsity": 0.0, "nonzero_macs_fraction": 1.0, "bytes_dense": saved_bytes(model.state_dict())}
+
+
+def _weight_run(cfg: BenchConfig, method: str, target: float | str, model: torch.nn.Module, data, x) -> Run:
+    """A weight method trained for all the run's epochs (its fixed-mask fine-tune included)."""
+    import fxprune
+
+    name, options = parse_method(method)
+    result = fxprune.compile(model, name, _budget(target), x, train_loader=data.train, eval_loader=data.test,
+                             epochs=cfg.epochs + cfg.finetune, lr=cfg.lr, progress=False,
+                             method_options={**cfg.method_options.get(name, {}), **options})
+    r = result.report
+    z = r.sparsity
+    return {"accuracy": r.accuracy["pruned"], "accuracy_before_finetune": None, "accuracy_gated": r.accuracy["gated"],
+            "macs": r.pruned["flops"], "macs_fraction": 1.0, "params": r.pruned["params"],
+            "sparsity": z["overall"], "nonzero_macs_fraction": z["nonzero_macs"] / z["dense_macs"],
+            "bytes_sparse": z["bytes_sparse"], "bytes_dense": z["bytes_dense"],
+            "seconds": dict(r.seconds), "method_options": r.method_options, "method_report": r.method_report,
+            "widths": {}, "max_rel_diff": r.equivalence["max_rel_diff"]}
 
 
 def _train_dense(cfg: BenchConfig, seed: int, model: torch.nn.Module, loader) -> None:
@@ -159,11 +227,19 @@ def _spread(values: list[float]) -> float:
 
 def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per (method, target): mean and standard deviation over seeds."""
-    groups: dict[tuple[str, float], list[Run]] = {}
+    groups: dict[tuple[str, float | str], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run["method"], run["flops_target"]), []).append(run)
+        groups.setdefault((run["method"], _target(run)), []).append(run)
     rows = []
-    for (method, target), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "dense", kv[0][0])):
+
+    def order(kv: tuple) -> tuple:
+        (method, target), rs = kv
+        if "target" in rs[0]:  # sparsity: dense, then rising sparsity, N:M last
+            return (isinstance(target, str), str(target) if isinstance(target, str) else target,
+                    method != "dense", method)
+        return (-target, method != "dense", method)
+
+    for (method, target), rs in sorted(groups.items(), key=order):
         accs = [r["accuracy"] for r in rs]
         before = [r["accuracy_before_finetune"] for r in rs if r["accuracy_before_finetune"] is not None]
         phases: dict[str, list[float]] = {}
@@ -171,7 +247,7 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
             for phase, s in r["seconds"].items():
                 phases.setdefault(phase, []).append(s)
         rows.append({
-            "method": method, "flops_target": target, "seeds": len(rs),
+            "method": method, "flops_target": target if "flops_target" in rs[0] else None, "seeds": len(rs),
             "accuracy_mean": statistics.fmean(accs), "accuracy_std": _spread(accs),
             "accuracy_before_finetune_mean": statistics.fmean(before) if before else None,
             "macs_fraction_mean": statistics.fmean(r["macs_fraction"] for r in rs),
@@ -179,10 +255,78 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
             "params_mean": statistics.fmean(r["params"] for r in rs),
             "seconds_mean": {p: statistics.fmean(v) for p, v in phases.items()},
         })
+        if "target" in rs[0]:
+            rows[-1].update(target=target, sparsity_mean=statistics.fmean(r["sparsity"] for r in rs),
+                            nonzero_macs_fraction_mean=statistics.fmean(r["nonzero_macs_fraction"] for r in rs),
+                            bytes_sparse_mean=statistics.fmean(r.get("bytes_sparse", r.get("bytes_dense", 0))
+                                                               for r in rs))
     return rows
 
 
+def markdown_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The weight-sparsity table: accuracy, achieved sparsity, non-zero MACs, sparse size."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = [f"# Weight sparsity on {meta['dataset']} ({meta['model']}, {meta['epochs'] + meta['finetune']} epochs "
+             f"per run, seeds {meta['seeds']})", "",
+             f"{meta['train_size']} train / {meta['test_size']} {meta.get('evaluated_on', 'test')} images; torch "
+             f"{meta['torch']} on {meta['machine']}, one thread per run; {meta['date']}. Every run trains from the "
+             "same initial weights of its seed for the same number of epochs in the same batch order; a method's "
+             "fixed-mask fine-tune is part of its schedule. Accuracy: mean ± standard deviation over seeds. "
+             "Sparsity is counted on the finalized model's prunable weights; non-zero MACs are the conv/linear "
+             "MACs that multiply a non-zero weight; size is the torch.save file with each sparse weight stored "
+             "as its non-zero values plus a bit mask. Time: wall seconds per phase (prepare / train / finalize).", "",
+             "| method | target | accuracy | vs dense | sparsity | non-zero MACs | size (kB) | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["target"]
+        target = "dense" if r["method"] == "dense" else (t if isinstance(t, str) else f"{t:.0%}")
+        vs = "" if dense is None else f"{100 * (r['accuracy_mean'] - dense['accuracy_mean']):+.2f} pt"
+        secs = " / ".join(f"{v:.0f}" for v in r["seconds_mean"].values())
+        lines.append(f"| {r['method']} | {target} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {vs} | "
+                     f"{r['sparsity_mean']:.2%} | {r['nonzero_macs_fraction_mean']:.1%} | "
+                     f"{r['bytes_sparse_mean'] / 1e3:,.0f} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Accuracy vs sparsity (x spaced by log density, so 80/90/95/98% are readable); N:M rows are
+    in the table only."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is not None:
+        ax.axhline(100 * dense["accuracy_mean"], color="black", lw=1, ls="--", label="dense")
+    ticks: set[float] = set()
+    for method in sorted({r["method"] for r in rows} - {"dense"}):
+        rs = sorted((r for r in rows if r["method"] == method and not isinstance(r["target"], str)),
+                    key=lambda r: r["target"])
+        if not rs:
+            continue
+        ticks.update(r["target"] for r in rs)
+        ax.errorbar([-math.log10(1 - r["target"]) for r in rs], [100 * r["accuracy_mean"] for r in rs],
+                    yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method)
+    ax.set_xticks([-math.log10(1 - t) for t in sorted(ticks)], [f"{t:.0%}" for t in sorted(ticks)])
+    ax.set_xlabel("weight sparsity (fraction of zero weights)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{meta['model']} on {meta['dataset']}, {len(meta['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    if rows and "target" in rows[0]:
+        return markdown_sparsity(rows, meta)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     schedule = (f"each method prunes the seed's trained dense model ({meta['epochs'] + meta['finetune']} epochs), "
                 f"then {meta['finetune']} fine-tune epochs" if meta.get("pretrained") else
@@ -269,7 +413,7 @@ def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
     write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
     write_atomic(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
     if any(r["method"] != "dense" for r in rows):
-        plot(rows, meta, out.with_suffix(".png"))
+        (plot_sparsity if cfg.sparsity else plot)(rows, meta, out.with_suffix(".png"))
     return out
 
 
@@ -287,6 +431,15 @@ def bench(cfg: BenchConfig, resume: bool = False, progress: bool = True) -> list
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; available: {list(DATASETS)}")
     if any(not 0 < f <= 1 for f in cfg.flops) or cfg.jobs < 1:
         raise ConfigError("flops targets must be fractions in (0, 1] and jobs >= 1")
+    kind = "weight" if cfg.sparsity else "channel"
+    wrong = [m for m in cfg.methods if METHODS[parse_method(m)[0]].granularity != kind]
+    if wrong:
+        raise ConfigError(f"method(s) {wrong} do not prune {kind}s: "
+                          + ("sparsity targets need weight methods (gmp, cyclical, granet, lap, sculpt, nm)"
+                             if cfg.sparsity else "FLOPs targets need channel methods; pass --sparsity for these"))
+    if cfg.sparsity and cfg.pretrained:
+        raise ConfigError("--pretrained compares channel methods without retraining; weight methods train from "
+                          "scratch in the sparsity benchmark")
     if not cfg.pretrained or cfg.dense_cache:
         return _run_all(cfg, resume, progress)
     cache = tempfile.mkdtemp(prefix="fxprune-bench-dense-")
@@ -302,7 +455,7 @@ def _run_all(cfg: BenchConfig, resume: bool, progress: bool) -> list[Run]:
     done: dict[str, Run] = {}
     path = Path(cfg.out).with_suffix(".json")
     if resume and path.exists():
-        done = {_key(r["method"], r["flops_target"], r["seed"]): r for r in json.loads(path.read_text())["runs"]}
+        done = {_key(r["method"], _target(r), r["seed"]): r for r in json.loads(path.read_text())["runs"]}
     todo = [job for job in cfg.runs() if _key(*job) not in done]
     runs = list(done.values())
     bar = tqdm(total=len(todo), desc="bench", disable=not progress)
@@ -312,7 +465,7 @@ def _run_all(cfg: BenchConfig, resume: bool, progress: bool) -> list[Run]:
             run = future.result()
             runs.append(run)
             write(runs, cfg, meta)
-            bar.set_postfix_str(f"{run['method']} {run['flops_target']:.0%} seed {run['seed']}: "
+            bar.set_postfix_str(f"{run['method']} {_target(run)} seed {run['seed']}: "
                                 f"{run['accuracy']:.3f}")
             bar.update()
     bar.close()

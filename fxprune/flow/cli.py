@@ -23,6 +23,22 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
+def _nm(text: str) -> tuple[int, int]:
+    n, _, m = text.partition(":")
+    if not (n.isdigit() and m.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected n:m such as 2:4, got {text!r}")
+    return int(n), int(m)
+
+
+def _targets(text: str) -> tuple[float | str, ...]:
+    from fxprune.flow.bench import parse_target
+
+    try:
+        return tuple(parse_target(v) for v in text.split(",") if v)
+    except (ConfigError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
 
@@ -44,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--flops", type=float, default=None, help="FLOPs budget: fraction of dense (0-1] or absolute MACs")
     c.add_argument("--params", type=float, default=None, help="parameter budget: fraction or absolute count")
     c.add_argument("--round-to", type=int, default=1, help="keep group widths a multiple of this")
+    c.add_argument("--sparsity", type=float, default=None,
+                   help="weight-sparsity budget: fraction of zero weights (for gmp, cyclical, granet, lap, sculpt)")
+    c.add_argument("--nm", type=_nm, default=None, help="N:M weight budget, e.g. 2:4 (for nm, gmp, cyclical, lap)")
+    c.add_argument("--scope", choices=("global", "layer"), default="global",
+                   help="sparsity over all prunable weights together or per layer")
+    c.add_argument("--dense-ends", action="store_true", help="keep the first and last layer dense")
     c.add_argument("--epochs", type=int, default=8, help="training epochs with the method's loss (dense training for l1)")
     c.add_argument("--finetune-epochs", type=int, default=4)
     c.add_argument("--compensate", action="store_true",
@@ -67,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {', '.join(method_names())}")
     b.add_argument("--dataset", default="digits-hard", choices=list(DATASETS))
     b.add_argument("--flops", type=_floats, default=(0.5, 0.25, 0.1), help="comma-separated FLOPs targets")
+    b.add_argument("--sparsity", type=_targets, default=(),
+                   help="weight-sparsity targets instead of FLOPs, e.g. 0.8,0.9,0.95,0.98,2:4 (weight methods)")
     b.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")), default=(0, 1, 2))
     b.add_argument("--model", default="resnet20")
     b.add_argument("--epochs", type=int, default=8, help="epochs before pruning (with the method's hooks)")
@@ -113,8 +137,11 @@ def _compile(args: argparse.Namespace) -> int:
     from fxprune.data import digits_loaders, image_folder_loaders
     from fxprune.models import load_checkpoint, model_from_spec
 
-    flops = args.flops if args.flops is not None or args.params is not None else 0.5
-    budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to)
+    if args.sparsity is not None or args.nm is not None:
+        budget = fxprune.Budget(sparsity=args.sparsity, nm=args.nm, scope=args.scope, dense_ends=args.dense_ends)
+    else:
+        flops = args.flops if args.flops is not None or args.params is not None else 0.5
+        budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to)
     if args.export == "tensorrt":
         require_tensorrt()
     for backend in args.validate:
@@ -199,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(methods=args.methods, dataset=args.dataset, flops=args.flops, seeds=args.seeds,
                       model=args.model, epochs=args.epochs, finetune=args.finetune, jobs=args.jobs, out=args.out,
                       data_options={"validation": args.validation} if args.validation else {},
-                      pretrained=args.pretrained)
+                      pretrained=args.pretrained, sparsity=args.sparsity)
     runs = bench(cfg, resume=args.resume, progress=not args.no_progress)
     print(Path(args.out).with_suffix(".md").read_text() if runs else markdown(aggregate(runs), {}))
     print(f"wrote {args.out}.json, .md, .png")

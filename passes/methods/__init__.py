@@ -1,12 +1,21 @@
 """Pruning methods: each a small file of hooks over the shared channel graph (``fxprune.method``).
 
-Importing this package registers them by name: l1, gdp, greg1, greg2, tpp, functionality.
+Importing this package registers them by name. Channel methods (flops/params budgets): l1, gdp,
+greg1, greg2, tpp, functionality. Weight methods (sparsity/N:M budgets, ``sparse``): gmp,
+cyclical, nm, granet, lap, sculpt.
 """
+from fxprune.passes.methods.cyclical import NM, Cyclical
 from fxprune.passes.methods.functionality import Functionality
 from fxprune.passes.methods.gated import GateMethod
 from fxprune.passes.methods.gdp import GDP
+from fxprune.passes.methods.gmp import GMP
+from fxprune.passes.methods.granet import GraNet
 from fxprune.passes.methods.greg import GReg1, GReg2
 from fxprune.passes.methods.l1 import L1Norm
+from fxprune.passes.methods.lap import LAP
+from fxprune.passes.methods.sculpt import Sculpt
+from fxprune.passes.methods.sparse import WeightMethod
 from fxprune.passes.methods.tpp import TPP
 
-__all__ = ["Functionality", "GateMethod", "GDP", "GReg1", "GReg2", "L1Norm", "TPP"]
+__all__ = ["Cyclical", "Functionality", "GateMethod", "GDP", "GMP", "GraNet", "GReg1", "GReg2", "L1Norm", "LAP",
+           "NM", "Sculpt", "TPP", "WeightMethod"]
