@@ -28,7 +28,7 @@ SCOPES = ("global", "layer")
 
 
 def input_dim(layer: Layer) -> int:
-    """The weight dimension that runs over the layer's input channels."""
+    """The weight dimension that runs over the layer's input channels. Raises nothing."""
     return 0 if layer.kind == "conv_transpose" else 1
 
 
@@ -77,7 +77,8 @@ def prunable_weights(gm: fx.GraphModule, cg: ChannelGraph, dense_ends: bool = Fa
 
     A parameter shared by several layers is one entry (one mask). ``dense_ends`` keeps the first
     and the last layer in graph order dense. Under N:M a layer qualifies only when each group of
-    its input dimension (``in_per_group``) is a multiple of m."""
+    its input dimension (``in_per_group``) is a multiple of m. Raises ``BudgetError`` when no
+    weight qualifies."""
     params = dict(gm.named_parameters())
     layers = [l for l in cg.layers if l.weight in params]
     ends = {layers[0].weight, layers[-1].weight} if dense_ends and layers else set()
@@ -90,6 +91,8 @@ def prunable_weights(gm: fx.GraphModule, cg: ChannelGraph, dense_ends: bool = Fa
             continue
         if name in ends:
             skipped[name] = "first or last layer, kept dense (dense_ends=True)"
+        elif "." not in name:
+            skipped[name] = "held by the model's root module, which the masks pass does not parametrize; move it into a submodule"
         elif nm is not None and layer.in_per_group % nm[1]:
             skipped[name] = f"its {layer.in_per_group} input channel(s) per group do not split into groups of {nm[1]}"
         else:
@@ -114,7 +117,8 @@ def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def magnitude_masks(scores: dict[str, torch.Tensor], zeros: dict[str, int]) -> dict[str, torch.Tensor]:
     """Keep masks (True = kept) removing the lowest scores: ``zeros["*"]`` over all weights
-    together (one global threshold), or ``zeros[name]`` per weight. Exact counts, ties by position."""
+    together (one global threshold), or ``zeros[name]`` per weight. Exact counts, ties by position.
+    Raises nothing of its own."""
     if "*" in zeros:
         flat = torch.cat([s.detach().reshape(-1).float() for s in scores.values()])
         drop = _lowest(flat, zeros["*"])
@@ -130,7 +134,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int, dim: int, fraction: float = 1.0
     """Keep mask with at most ``n`` kept in every ``m`` consecutive entries along ``dim``.
 
     ``fraction`` < 1 constrains only that fraction of the groups: those whose N:M pruning removes
-    the least score, the others stay dense (how a gradual or cyclical schedule reaches N:M)."""
+    the least score, the others stay dense (how a gradual or cyclical schedule reaches N:M).
+    Raises nothing of its own (the caller checks that ``dim`` splits into groups of m)."""
     s = score.detach().float().movedim(dim, -1)
     shape = s.shape
     groups = s.reshape(-1, m)
@@ -145,7 +150,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int, dim: int, fraction: float = 1.0
 
 def cubic(step: int, begin: int, end: int, final: float, initial: float = 0.0) -> float:
     """The Zhu-Gupta ramp: ``initial`` before ``begin``, ``final`` from ``end`` on, and
-    s = final + (initial - final) * (1 - t)^3 between, t the position in [begin, end]."""
+    s = final + (initial - final) * (1 - t)^3 between, t the position in [begin, end]. Raises nothing."""
     if step >= end:
         return final
     if step <= begin:
@@ -187,7 +192,8 @@ def lookahead_scores(weights: dict[str, torch.Tensor], cg: ChannelGraph) -> dict
     "Previous" and "next" come from the channel graph: every layer producing (reading) a unit of
     the same channel group counts, so a residual stream's channel sums all its producers and
     readers; a channel the graph does not track (the model input, the output) has factor 1.
-    ``weights``: the tensors to score by qualified name (other layers still count as neighbours)."""
+    ``weights``: the tensors to score by qualified name (only those are scored, and only those
+    count as neighbours). Raises nothing of its own."""
     prev: dict[tuple[int, int], float] = {}
     nxt: dict[tuple[int, int], float] = {}
     for layer in cg.layers:
@@ -236,6 +242,7 @@ class SparsityReport:
 
 
 def saved_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Size of ``state`` written by ``torch.save``. Raises nothing of its own."""
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.tell()
@@ -243,7 +250,8 @@ def saved_bytes(state: dict[str, torch.Tensor]) -> int:
 
 def measure(model: torch.nn.Module, targets: WeightTargets, layer_macs: dict[str, int]) -> SparsityReport:
     """Zeros of ``model``'s prunable weights (``targets.sizes``), its non-zero MACs (``layer_macs``:
-    dense MACs per example of the layers that use each weight), and its stored size."""
+    dense MACs per example of the layers that use each weight), and its stored size.
+    Raises nothing of its own."""
     params = dict(model.named_parameters())
     report = SparsityReport(target=targets.to_dict())
     zeros_all = 0
@@ -273,7 +281,7 @@ def measure(model: torch.nn.Module, targets: WeightTargets, layer_macs: dict[str
 
 
 def check(report: SparsityReport, targets: WeightTargets, model: torch.nn.Module) -> None:
-    """Raise ``BudgetError`` when ``model`` holds fewer zeros than ``targets`` ask (globally, per
+    """Raises ``BudgetError`` when ``model`` holds fewer zeros than ``targets`` ask (globally, per
     layer, or in some group of m under N:M)."""
     short: list[str] = []
     if targets.nm is not None:

@@ -99,6 +99,7 @@ def insert_masks(traced: fx.GraphModule, names: Iterable[str]) -> tuple[fx.Graph
 
 
 def has_masks(module: nn.Module) -> bool:
+    """Whether any submodule of ``module`` holds a parametrization. Raises nothing."""
     return any(parametrize.is_parametrized(m) for m in module.modules())
 
 

@@ -17,7 +17,7 @@ def run_steps(prepared, batches, opt) -> None:
         loss.backward()
         prepared.after_backward()
         opt.step()
-        prepared.step()
+        prepared.step(opt)
 
 
 def resumed_equals_uninterrupted(setup: Callable, batches: list, cut: int):

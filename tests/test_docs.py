@@ -9,7 +9,7 @@ import pytest
 from fxprune.rules.base import REGISTRY
 
 MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize",
-           "fxprune.passes.compensate", "fxprune.passes.lop"]
+           "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -34,12 +34,14 @@ def _public_functions():
     import fxprune.passes as passes
     import fxprune.rules as rules
     import fxprune.scores as scores
+    import fxprune.sparsity as sparsity
     import fxprune.train as train
 
     listed = [(fxprune, fxprune.__all__), (passes, passes.__all__), (backends, backends.__all__),
               (scores, [n for n in vars(scores) if getattr(vars(scores)[n], "__module__", "") == scores.__name__]),
               (rules, ["per_channel", "elementwise", "register_op"]), (budget, ["allocate"]),
-              (train, ["train", "evaluate"]), (data, ["digits_loaders"]), (models, ["build_model"])]
+              (train, ["train", "evaluate"]), (data, ["digits_loaders"]), (models, ["build_model"]),
+              (sparsity, [n for n in vars(sparsity) if getattr(vars(sparsity)[n], "__module__", "") == sparsity.__name__])]
     return [(f"{mod.__name__}.{n}", getattr(mod, n)) for mod, names in listed for n in names
             if not n.startswith("_") and inspect.isfunction(getattr(mod, n))]
 

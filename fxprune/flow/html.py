@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run (plots embedded as PNG), drawn from report.json
 alone, so ``fxprune report RUN_DIR`` can redraw any run; ``compare`` plots several runs together.
 
-The page: the summary, kept width per group (dense vs pruned), training curves (loss, accuracy
+The page: the summary, kept width per group (dense vs pruned; for a weight budget, the zeros per
+weight tensor, non-zero MACs and the sparse stored size instead), training curves (loss, accuracy
 and the method's own per-epoch values such as lambda or the gated MACs), latency dense vs pruned,
 the groups that were not prunable and why, and the submodules tracing kept opaque.
 """
@@ -93,6 +94,22 @@ def latency_png(report: dict[str, Any]) -> bytes | None:
     return _png(plt, fig)
 
 
+def sparsity_png(report: dict[str, Any]) -> bytes | None:
+    """A weight budget's run: the fraction of zero weights per prunable weight tensor."""
+    z = report.get("sparsity")
+    if not z:
+        return None
+    names = list(z["layers"])
+    plt, fig, (ax,) = _figure(max(6.4, 0.35 * len(names)), 3.2)
+    ax.bar(range(len(names)), [100 * z["layers"][n]["sparsity"] for n in names], color="#1f77b4")
+    ax.axhline(100 * z["overall"], color="black", lw=1, ls="--", label=f"overall {z['overall']:.1%}")
+    ax.set_xticks(list(range(len(names))), [n.removesuffix(".weight") for n in names], rotation=90, fontsize=6)
+    ax.set_ylabel("zero weights (%)")
+    ax.set_title("sparsity per weight tensor")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
 def _img(png: bytes | None, alt: str) -> str:
     if png is None:
         return ""
@@ -105,6 +122,17 @@ def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _sparsity_table(z: dict[str, Any]) -> str:
+    t = z["target"]
+    return _table(("", "value"), [
+        ("target", f"N:M {t['nm'][0]}:{t['nm'][1]}" if t["nm"] else f"{t['sparsity']:.1%} ({t['scope']})"),
+        ("zero weights", f"{z['overall']:.2%} of {t['prunable_weights']:,} prunable"),
+        ("MACs with a non-zero weight", f"{z['nonzero_macs']:,} of {z['dense_macs']:,} "
+                                        f"({z['nonzero_macs'] / max(1, z['dense_macs']):.1%})"),
+        ("stored size (dense / values + bit mask)", f"{z['bytes_dense']:,} / {z['bytes_sparse']:,} bytes"),
+        ("kept dense", ", ".join(f"{k} ({v})" for k, v in t["skipped"].items()) or "none")])
 
 
 def render(report: dict[str, Any], summary: str = "") -> str:
@@ -121,7 +149,9 @@ def render(report: dict[str, Any], summary: str = "") -> str:
         f"finalize check: max relative difference {report['equivalence'].get('max_rel_diff', float('nan')):.2e}</p>",
         _table(("", "dense", "pruned", "fraction"), rows),
         "<h2>Accuracy</h2>", _table(("model", "accuracy"), acc),
-        "<h2>Kept width per group</h2>", _img(widths_png(report), "kept width per group"),
+        *(("<h2>Weight sparsity</h2>", _sparsity_table(report["sparsity"]),
+            _img(sparsity_png(report), "sparsity per weight tensor")) if report.get("sparsity") else
+          ("<h2>Kept width per group</h2>", _img(widths_png(report), "kept width per group"))),
         "<h2>Training</h2>", _img(curves_png(report), "training curves") or "<p>no training epochs</p>",
         "<h2>Latency</h2>", _img(latency_png(report), "latency") or "<p>not measured (validate=...)</p>",
         "<h2>Groups that were not prunable</h2>", _table(("group", "size", "why"), fixed),
