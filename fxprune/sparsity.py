@@ -84,7 +84,8 @@ def prunable_weights(gm: fx.GraphModule, cg: ChannelGraph, dense_ends: bool = Fa
     ends = {layers[0].weight, layers[-1].weight} if dense_ends and layers else set()
     sizes: dict[str, int] = {}
     dims: dict[str, int] = {}
-    skipped: dict[str, str] = {}
+    skipped = {l.weight: "not a plain parameter (parametrized, e.g. weight_norm, or a buffer/constant)"
+               for l in cg.layers if l.weight not in params}
     for layer in layers:
         name = layer.weight
         if name in sizes or name in skipped:

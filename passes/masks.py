@@ -98,17 +98,23 @@ def insert_masks(traced: fx.GraphModule, names: Iterable[str]) -> tuple[fx.Graph
     return materialize(masked), masks
 
 
+def _masked(module: nn.Module) -> list[str]:
+    """The tensors of ``module`` this pass parametrized (a user's own parametrizations are not ours)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [attr for attr, chain in module.parametrizations.items() if any(isinstance(p, Mask) for p in chain)]
+
+
 def has_masks(module: nn.Module) -> bool:
-    """Whether any submodule of ``module`` holds a parametrization. Raises nothing."""
-    return any(parametrize.is_parametrized(m) for m in module.modules())
+    """Whether any submodule of ``module`` holds a mask of this pass. Raises nothing."""
+    return any(_masked(m) for m in module.modules())
 
 
 def remove_masks(masked: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``masked`` without parametrizations, holding the trained (unmasked) parameters:
-    the module a weight Decision is finalized from. Raises nothing of its own."""
+    """A copy of ``masked`` without this pass's parametrizations, holding the trained (unmasked)
+    parameters: the module a weight Decision is finalized from. Raises nothing of its own."""
     plain = structural_copy(masked)
     for module in plain.modules():
-        if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        for attr in _masked(module):
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
     return materialize(plain)
