@@ -387,3 +387,12 @@ def test_bench_runs_weight_methods_and_skips_what_they_cannot_reach(tmp_path):
     runs = {(m, t) for m, t, _ in cfg.runs()}
     assert runs == {("dense", 0.0), ("gmp", 0.9), ("granet", 0.9), ("gmp", "2:4"), ("nm", "2:4")}
     assert np.isclose(sp.cubic(5, 0, 10, 0.8), 0.8 * (1 - 0.5 ** 3))
+
+
+def test_a_sparse_model_saves_and_loads_with_its_zeros(tmp_path):
+    result = fxprune.compile(_model(), "gmp", fxprune.Budget(sparsity=0.9), X, progress=False)
+    fxprune.save(result.model, tmp_path / "m.fxprune")
+    loaded = fxprune.load(_model(5), tmp_path / "m.fxprune", X)
+    for name, w in _weights(result.model, result.prepared.targets.weights.sizes).items():
+        assert torch.equal(dict(loaded.named_parameters())[name], w)
+    torch.testing.assert_close(loaded(*X), result.model(*X))

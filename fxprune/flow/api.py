@@ -115,6 +115,12 @@ class Prepared:
         self.ctx.step += 1
         self.method.after_step(self.ctx)
 
+    def lr_factor(self, step: int) -> float | None:
+        """The method's learning-rate multiplier at 0-based ``step`` (sculpt's per-cycle rate), or
+        None where the method leaves the rate to your schedule; e.g. ``LambdaLR(opt, lambda s:
+        prepared.lr_factor(s) or 1.0)``."""
+        return self.method.lr_factor(self.ctx, step)
+
     def train_step(self, batch: Any, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's own step (for methods that define ``train_step``), then ``step()``."""
         if self.method.train_step is None:
