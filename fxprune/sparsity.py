@@ -240,6 +240,7 @@ class SparsityReport:
     dense_macs: int = 0
     bytes_dense: int = 0
     bytes_sparse: int = 0
+    empty: list[str] = field(default_factory=list)  # prunable tensors left without a non-zero weight
 
 
 def saved_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -262,6 +263,7 @@ def measure(model: torch.nn.Module, targets: WeightTargets, layer_macs: dict[str
         zeros_all += zeros
         report.layers[name] = {"size": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel()}
     report.overall = zeros_all / max(1, targets.total)
+    report.empty = [name for name, r in report.layers.items() if r["zeros"] == r["size"]]
     for name, macs in layer_macs.items():
         w = params.get(name)
         density = float((w != 0).sum()) / w.numel() if w is not None and name in targets.sizes else 1.0

@@ -396,3 +396,13 @@ def test_a_sparse_model_saves_and_loads_with_its_zeros(tmp_path):
     for name, w in _weights(result.model, result.prepared.targets.weights.sizes).items():
         assert torch.equal(dict(loaded.named_parameters())[name], w)
     torch.testing.assert_close(loaded(*X), result.model(*X))
+
+
+def test_a_layer_emptied_by_the_global_threshold_is_reported():
+    model = _model()
+    with torch.no_grad():
+        model.conv3.weight.mul_(1e-6)  # far below every other weight: one global threshold takes it all
+    with pytest.warns(fxprune.FxpruneWarning, match="conv3.weight kept no non-zero weight"):
+        result = fxprune.compile(model, "gmp", fxprune.Budget(sparsity=0.5), X, progress=False)
+    assert result.report.sparsity["empty"] == ["conv3.weight"]
+    assert "no non-zero weight left in conv3.weight" in result.report.summary()

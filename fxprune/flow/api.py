@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -19,7 +20,7 @@ from fxprune.budget import Budget, Targets
 from fxprune.cost import CostModel, count_macs
 from fxprune.decision import Decision
 from fxprune import checks
-from fxprune.errors import BudgetError, ConfigError, EquivalenceError
+from fxprune.errors import BudgetError, ConfigError, EquivalenceError, FxpruneWarning
 from fxprune.ir import ChannelGraph
 from fxprune.modcopy import copy_module
 from fxprune.method import METHODS, Context, Method
@@ -227,6 +228,11 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     if weights is not None:
         prepared.sparsity = sp.measure(model, weights, prepared.cost.weight_macs())
         sp.check(prepared.sparsity, weights, model)
+        if prepared.sparsity.empty:  # within budget, but a layer that passes nothing on
+            warnings.warn(f"finalize: {', '.join(prepared.sparsity.empty)} kept no non-zero weight (one global threshold "
+                          "over all layers emptied them): what follows sees only biases. Use Budget(scope='layer') or "
+                          "a lower sparsity, or keep such layers dense (dense_ends=True for the first and last)",
+                          FxpruneWarning, stacklevel=2)
     return model
 
 
@@ -286,7 +292,8 @@ class CompileReport:
             lines.append(f"weights: {z['overall']:.1%} zero over {z['target']['prunable_weights']:,} prunable "
                          f"(target {z['target']['nm'] or z['target']['sparsity']}), non-zero MACs "
                          f"{z['nonzero_macs'] / z['dense_macs']:.1%} of the layers' {z['dense_macs']:,}; stored "
-                         f"{z['bytes_dense'] / 1e6:.2f} MB dense, {z['bytes_sparse'] / 1e6:.2f} MB sparse")
+                         f"{z['bytes_dense'] / 1e6:.2f} MB dense, {z['bytes_sparse'] / 1e6:.2f} MB sparse"
+                         + (f"; no non-zero weight left in {', '.join(z['empty'])}" if z.get("empty") else ""))
         for k, v in self.accuracy.items():
             if v is not None:
                 lines.append(f"accuracy ({k}) {v:.4f}")
