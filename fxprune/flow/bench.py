@@ -288,11 +288,8 @@ def markdown_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
-    """Accuracy vs sparsity (x spaced by log density, so 80/90/95/98% are readable); N:M rows are
-    in the table only."""
-    import math
-
+def _accuracy_axes(rows: list[dict[str, Any]]):
+    """(pyplot, figure, axes) for an accuracy plot, with the dense accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,6 +299,28 @@ def plot_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) 
     dense = next((r for r in rows if r["method"] == "dense"), None)
     if dense is not None:
         ax.axhline(100 * dense["accuracy_mean"], color="black", lw=1, ls="--", label="dense")
+    return plt, fig, ax
+
+
+def _finish(plt, fig, ax, meta: dict[str, Any], path: Path) -> None:
+    """Label, then write the PNG atomically."""
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{meta['model']} on {meta['dataset']}, {len(meta['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    """Accuracy vs sparsity (x spaced by log density, so 80/90/95/98% are readable); N:M rows are
+    in the table only."""
+    import math
+
+    plt, fig, ax = _accuracy_axes(rows)
     ticks: set[float] = set()
     for method in sorted({r["method"] for r in rows} - {"dense"}):
         rs = sorted((r for r in rows if r["method"] == method and not isinstance(r["target"], str)),
@@ -313,15 +332,7 @@ def plot_sparsity(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) 
                     yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method)
     ax.set_xticks([-math.log10(1 - t) for t in sorted(ticks)], [f"{t:.0%}" for t in sorted(ticks)])
     ax.set_xlabel("weight sparsity (fraction of zero weights)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{meta['model']} on {meta['dataset']}, {len(meta['seeds'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish(plt, fig, ax, meta, path)
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -368,29 +379,13 @@ def widths(runs: list[Run]) -> str:
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     """Accuracy vs achieved MACs, one line per method, error bars one standard deviation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    if dense is not None:
-        ax.axhline(100 * dense["accuracy_mean"], color="black", lw=1, ls="--", label="dense")
+    plt, fig, ax = _accuracy_axes(rows)
     for method in sorted({r["method"] for r in rows} - {"dense"}):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs_fraction_mean"])
         ax.errorbar([100 * r["macs_fraction_mean"] for r in rs], [100 * r["accuracy_mean"] for r in rs],
                     yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method)
     ax.set_xlabel("MACs after pruning (% of dense)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{meta['model']} on {meta['dataset']}, {len(meta['seeds'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish(plt, fig, ax, meta, path)
 
 
 def _meta(cfg: BenchConfig) -> dict[str, Any]:

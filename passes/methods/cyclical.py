@@ -92,12 +92,9 @@ class Cyclical(WeightMethod):
 
 
 @dataclass(frozen=True)
-class NMOptions:
+class NMOptions(CyclicalOptions):
     cycles: int = 0
-    s0: float = 0.0
     end: float = 0.5
-    interval: int = 0
-    lr_restart: bool = False
 
 
 @register_method
