@@ -243,6 +243,23 @@ CASES: list[Any] = [
                                                                   ("params budget 5", "raise the budget"))),
     ("budget-wide-round-to", BudgetError, lambda e: (lambda: fxprune.prepare(e.model, "l1", fxprune.Budget(flops=0.5, round_to=64), X),
                                                       ("64-wide", "raise the budget"))),
+    ("budget-sparsity-one", ConfigError, lambda e: (lambda: fxprune.Budget(sparsity=1.0), ("sparsity=1.0", "Budget(sparsity=0.9)"))),
+    ("budget-nm-reversed", ConfigError, lambda e: (lambda: fxprune.Budget(nm=(4, 2)), ("nm=(4, 2)", "nm=(2, 4)"))),
+    ("budget-channels-and-weights", ConfigError, lambda e: (lambda: fxprune.Budget(flops=0.5, sparsity=0.9),
+                                                            ("not both at once", "then compile the pruned model"))),
+    ("sparsity-budget-channel-method", ConfigError, lambda e: (
+        lambda: fxprune.compile(e.model, "l1", fxprune.Budget(sparsity=0.9), X, progress=False),
+        ("method 'l1' removes channels", "use a weight method"))),
+    ("flops-budget-weight-method", ConfigError, lambda e: (
+        lambda: fxprune.compile(e.model, "gmp", HALF, X, progress=False),
+        ("method 'gmp' zeroes single weights", "Budget(sparsity=0.9)"))),
+    ("nm-budget-granet", ConfigError, lambda e: (
+        lambda: fxprune.compile(e.model, "granet", fxprune.Budget(nm=(2, 4)), X, progress=False),
+        ("does not reach Budget(nm=...)", "use cyclical, gmp, lap, nm"))),
+    ("sparse-finetune-lop", ConfigError, lambda e: (
+        lambda: fxprune.compile(e.model, "gmp", fxprune.Budget(sparsity=0.9), X, train_loader=loader(), finetune_epochs=1,
+                                finetune_lop=True, progress=False),
+        ("fill a sparse model's zeros", "without it"))),
     ("budget-dict", ConfigError, lambda e: (lambda: fxprune.compile(e.model, "l1", {"flops": 0.5}, X), ("got dict", "fxprune.Budget(flops=0.5)"))),
     ("budget-none", ConfigError, lambda e: (lambda: fxprune.compile(e.model, "l1", None, X), ("needs a budget", "Budget(flops=0.5)"))),
     ("budget-float", ConfigError, lambda e: (lambda: fxprune.prepare(e.model, "l1", 0.5, X), ("got float", "fxprune.Budget"))),
