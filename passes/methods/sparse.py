@@ -55,7 +55,6 @@ class WeightMethod(Method):
         self.masks: dict[str, WeightMask] = {}
         self.applied = 0.0  # the sparsity the masks hold (fraction of the final target's kind)
         self.updates = 0
-        self.seen_total: int | None = None  # total_steps the schedule was laid out for
         begin, end = getattr(self.options, "begin", 0.0), getattr(self.options, "end", 1.0)
         if not 0.0 <= begin <= end <= 1.0:
             raise ConfigError(f"method {self.name!r}: need 0 <= begin <= end <= 1, got begin={begin}, end={end}")
@@ -100,12 +99,9 @@ class WeightMethod(Method):
         return False
 
     # ---- masks ----------------------------------------------------------------------------------
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {name: wm.effective() for name, wm in self.masks.items()}
-
     def scores(self, ctx: Context) -> dict[str, torch.Tensor]:
         """What ``update`` ranks by (default: magnitude of the weights the model computes with)."""
-        return {name: w.abs() for name, w in self.weights().items()}
+        return {name: wm.effective().abs() for name, wm in self.masks.items()}
 
     def masks_at(self, ctx: Context, sparsity: float, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keep masks with ``sparsity`` zeros (of the final target's kind) ranked by ``scores``."""
