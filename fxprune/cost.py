@@ -48,6 +48,11 @@ class _LayerCost:
     outputs: Term
 
 
+def _layer_macs(l: _LayerCost, keep: dict) -> float | torch.Tensor:
+    inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
+    return l.macs_per_pair * _count(l.outputs, keep) * inp
+
+
 @dataclass
 class _ParamCost:
     shape: tuple[int, ...]
@@ -92,9 +97,7 @@ class CostModel:
         keep = self._complete(keep or {})
         total = 0
         for l in self.layers:
-            out = _count(l.outputs, keep)
-            inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
-            total = total + l.macs_per_pair * out * inp
+            total = total + _layer_macs(l, keep)
         return total
 
     def weight_macs(self) -> dict[str, int]:
@@ -103,8 +106,7 @@ class CostModel:
         out: dict[str, int] = {}
         keep = self._complete({})
         for layer, l in zip(self.cg.layers, self.layers):
-            inp = l.in_per_group if l.grouped else _count(l.inputs, keep)
-            out[layer.weight] = out.get(layer.weight, 0) + int(l.macs_per_pair * _count(l.outputs, keep) * inp)
+            out[layer.weight] = out.get(layer.weight, 0) + int(_layer_macs(l, keep))
         return out
 
     def params(self, keep: dict | None = None) -> float | torch.Tensor:

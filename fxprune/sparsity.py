@@ -197,14 +197,16 @@ def lookahead_scores(weights: dict[str, torch.Tensor], cg: ChannelGraph) -> dict
     count as neighbours). Raises nothing of its own."""
     prev: dict[tuple[int, int], float] = {}
     nxt: dict[tuple[int, int], float] = {}
+    keys: dict[str, tuple[list, list]] = {}  # per layer node: the units of its inputs and outputs
     for layer in cg.layers:
         w = weights.get(layer.weight)
         if w is None:
             continue
-        for key, v in zip(_unit_keys(cg, layer.out_ids), _per_out(w, layer).tolist()):
+        keys[layer.node] = ins, outs = _unit_keys(cg, layer.in_ids), _unit_keys(cg, layer.out_ids)
+        for key, v in zip(outs, _per_out(w, layer).tolist()):
             if key is not None:
                 prev[key] = prev.get(key, 0.0) + v
-        for key, v in zip(_unit_keys(cg, layer.in_ids), _per_in(w, layer).tolist()):
+        for key, v in zip(ins, _per_in(w, layer).tolist()):
             if key is not None:
                 nxt[key] = nxt.get(key, 0.0) + v
     out: dict[str, torch.Tensor] = {}
@@ -212,8 +214,9 @@ def lookahead_scores(weights: dict[str, torch.Tensor], cg: ChannelGraph) -> dict
         if layer.weight not in weights or layer.weight in out:
             continue
         w = weights[layer.weight].detach().float()
-        in_f = torch.tensor([prev.get(k, 1.0) if k else 1.0 for k in _unit_keys(cg, layer.in_ids)])
-        out_f = torch.tensor([nxt.get(k, 1.0) if k else 1.0 for k in _unit_keys(cg, layer.out_ids)])
+        ins, outs = keys[layer.node]
+        in_f = torch.tensor([prev.get(k, 1.0) if k else 1.0 for k in ins])
+        out_f = torch.tensor([nxt.get(k, 1.0) if k else 1.0 for k in outs])
         rows, cols, g = w.shape[0], w.shape[1], layer.groups
         # entry (i, j) of a grouped weight reaches the other side's channel (i // (rows / g)) * cols + j
         across = (torch.arange(rows) // (rows // g)).unsqueeze(1) * cols + torch.arange(cols).unsqueeze(0)
@@ -303,6 +306,14 @@ def check(report: SparsityReport, targets: WeightTargets, model: torch.nn.Module
         raise BudgetError("the finalized model misses its sparsity budget (counted on its weights): "
                           + "; ".join(short[:5]) + ("; ..." if len(short) > 5 else "")
                           + ". Its method's decide must return weight masks that meet ctx.targets.weights")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """``"2:4"`` as ``(2, 4)``. Raises ``ConfigError`` for anything but n:m with 0 < n < m."""
+    n, _, m = text.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ConfigError(f"N:M pattern {text!r}: expected n:m with 0 < n < m, e.g. 2:4")
+    return int(n), int(m)
 
 
 def check_options(sparsity: Any, scope: Any, nm: Any) -> tuple[int, int] | None:

@@ -116,11 +116,11 @@ class Prepared:
         self.ctx.step += 1
         self.method.after_step(self.ctx)
 
-    def lr_factor(self, step: int) -> float | None:
-        """The method's learning-rate multiplier at 0-based ``step`` (sculpt's per-cycle rate), or
-        None where the method leaves the rate to your schedule; e.g. ``LambdaLR(opt, lambda s:
-        prepared.lr_factor(s) or 1.0)``."""
-        return self.method.lr_factor(self.ctx, step)
+    def lr_factor(self, step: int) -> float:
+        """The method's learning-rate multiplier at 0-based ``step`` (sculpt's per-cycle rate); 1.0
+        where the method leaves the rate to your schedule. ``LambdaLR(opt, prepared.lr_factor)``."""
+        factor = self.method.lr_factor(self.ctx, step)
+        return 1.0 if factor is None else factor
 
     def train_step(self, batch: Any, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's own step (for methods that define ``train_step``), then ``step()``."""
@@ -224,10 +224,8 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
                f"method {prepared.method.name!r} decided more than the budget allows (its decide must meet "
                "ctx.targets, e.g. through fxprune.budget.allocate)")
         raise BudgetError(f"the finalized model misses its budget: {said} (measured on the finalized module); {why}")
-    weights = prepared.targets.weights
-    if weights is not None:
-        prepared.sparsity = sp.measure(model, weights, prepared.cost.weight_macs())
-        sp.check(prepared.sparsity, weights, model)
+    if prepared.targets.weights is not None:
+        _count_zeros(prepared, model)
         if prepared.sparsity.empty:  # within budget, but a layer that passes nothing on
             warnings.warn(f"finalize: {', '.join(prepared.sparsity.empty)} kept no non-zero weight (one global threshold "
                           "over all layers emptied them): what follows sees only biases. Use Budget(scope='layer') or "
@@ -400,7 +398,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
                        extra_param_groups=groups, extra_loss=prepared.loss if overrides["loss"] else None,
                        after_backward=prepared.after_backward if overrides["after_backward"] else None,
                        on_step=lambda s: prepared.step(), on_optimizer=lambda opt: setattr(ctx, "optimizer", opt),
-                       lr_factor=(lambda step: _own_rate(m, ctx, step)) if overrides["lr_factor"] else None,
+                       lr_factor=prepared.lr_factor if overrides["lr_factor"] else None,
                        train_step=(lambda batch, opt: m.train_step(ctx, batch, opt)) if m.train_step else None,
                        desc=f"{m.name} train", epoch_metrics=lambda: m.schedule(ctx), **fit):
             logs.append({"phase": "train", **asdict(e)})
@@ -421,8 +419,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
         if finetune_lop:
             pruned = _collapsed(work, example_inputs)
         if frozen is not None:  # the fine-tuned weights are what the report and the budget check read
-            prepared.sparsity = sp.measure(pruned, prepared.targets.weights, prepared.cost.weight_macs())
-            sp.check(prepared.sparsity, prepared.targets.weights, pruned)
+            _count_zeros(prepared, pruned)
         seconds["finetune"] = time.perf_counter() - t
         acc["finetuned"] = _accuracy(pruned, eval_loader, output)
     pruned.eval()
@@ -434,9 +431,11 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     return CompileResult(pruned, report, prepared)
 
 
-def _own_rate(m: Method, ctx: Context, step: int) -> float:
-    factor = m.lr_factor(ctx, step)
-    return 1.0 if factor is None else factor
+def _count_zeros(prepared: Prepared, model: torch.nn.Module) -> None:
+    """A weight budget's zeros counted on ``model`` into ``prepared.sparsity``; ``BudgetError`` if short."""
+    weights = prepared.targets.weights
+    prepared.sparsity = sp.measure(model, weights, prepared.cost.weight_macs())
+    sp.check(prepared.sparsity, weights, model)
 
 
 class _FrozenZeros:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.files import write_atomic
+from fxprune.sparsity import parse_nm
 
 Run = dict[str, Any]
 
@@ -90,9 +91,7 @@ def _target(run: Run) -> float | str:
 def parse_target(text: str) -> float | str:
     """A bench sparsity target: ``"0.9"`` (fraction of zero weights) or ``"2:4"`` (N:M)."""
     if ":" in text:
-        n, _, m = text.partition(":")
-        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-            raise ConfigError(f"N:M target {text!r}: expected n:m with 0 < n < m, e.g. 2:4")
+        parse_nm(text)
         return text
     value = float(text)
     if not 0 < value < 1:
@@ -103,10 +102,7 @@ def parse_target(text: str) -> float | str:
 def _budget(target: float | str):
     from fxprune import Budget
 
-    if isinstance(target, str):
-        n, _, m = target.partition(":")
-        return Budget(nm=(int(n), int(m)))
-    return Budget(sparsity=target)
+    return Budget(nm=parse_nm(target)) if isinstance(target, str) else Budget(sparsity=target)
 
 
 FLAGS = ("compensate", "lop")
@@ -430,7 +426,8 @@ def bench(cfg: BenchConfig, resume: bool = False, progress: bool = True) -> list
     wrong = [m for m in cfg.methods if METHODS[parse_method(m)[0]].granularity != kind]
     if wrong:
         raise ConfigError(f"method(s) {wrong} do not prune {kind}s: "
-                          + ("sparsity targets need weight methods (gmp, cyclical, granet, lap, sculpt, nm)"
+                          + (f"sparsity targets need weight methods "
+                             f"({', '.join(n for n, c in sorted(METHODS.items()) if c.granularity == 'weight')})"
                              if cfg.sparsity else "FLOPs targets need channel methods; pass --sparsity for these"))
     if cfg.sparsity and cfg.pretrained:
         raise ConfigError("--pretrained compares channel methods without retraining; weight methods train from "

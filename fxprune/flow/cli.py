@@ -24,10 +24,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _nm(text: str) -> tuple[int, int]:
-    n, _, m = text.partition(":")
-    if not (n.isdigit() and m.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected n:m such as 2:4, got {text!r}")
-    return int(n), int(m)
+    from fxprune.sparsity import parse_nm
+
+    try:
+        return parse_nm(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _targets(text: str) -> tuple[float | str, ...]:

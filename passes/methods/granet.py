@@ -69,8 +69,9 @@ class GraNet(WeightMethod):
         return o.regrow_end + 0.5 * (o.regrow - o.regrow_end) * (1 + math.cos(math.pi * step / ctx.total_steps))
 
     def _due(self, ctx: Context, step: int) -> bool:
+        """A mask update inside [begin, end], where the regeneration runs."""
         begin, end = self.steps(ctx, self.options.begin), self.steps(ctx, self.options.end)
-        return begin <= step <= end and (step % self.interval(ctx) == 0 or step in self.milestones(ctx))
+        return begin <= step <= end and self.due(ctx, step)
 
     def after_backward(self, ctx: Context) -> None:
         if ctx.total_steps and self._due(ctx, ctx.step + 1):  # keep the dense gradient for the regrowth

@@ -94,6 +94,10 @@ class WeightMethod(Method):
         """Steps that always update (the ramp's ends)."""
         return {self.steps(ctx, self.options.begin), self.steps(ctx, self.options.end)}
 
+    def due(self, ctx: Context, step: int) -> bool:
+        """Whether the masks are recomputed after ``step``: every ``interval`` steps and at the milestones."""
+        return step % self.interval(ctx) == 0 or step in self.milestones(ctx)
+
     def regrowing(self, ctx: Context, step: int) -> bool:
         """Whether removed weights train under the dense gradient at ``step`` (default: never)."""
         return False
@@ -135,8 +139,7 @@ class WeightMethod(Method):
                               "fxprune.prepare (epochs * len(loader)); compile does")
         step = ctx.step
         target = self.sparsity_at(ctx, step)
-        due = step % self.interval(ctx) == 0 or step in self.milestones(ctx)
-        if due and target != self.applied:
+        if self.due(ctx, step) and target != self.applied:
             self.update(ctx, target)
             self.applied = target
             self.updates += 1
