@@ -10,9 +10,8 @@ from fxprune import checks
 from fxprune.errors import ConfigError
 
 from ._common import as_input_tuple
-from .onnx import ExportResult, export_onnx
-
-EXPORT_BACKENDS = ("onnx", "tensorrt")
+from .onnx import ExportResult
+from .registry import exporter
 
 
 def export(model: nn.Module, path: str | os.PathLike, backend: str = "onnx",
@@ -30,16 +29,13 @@ def export(model: nn.Module, path: str | os.PathLike, backend: str = "onnx",
     the model fails on, a path that cannot be written), ``BackendUnavailable`` (TensorRT or
     CUDA missing); then ``ExportError`` when the artifact fails its check.
     """
-    if backend not in EXPORT_BACKENDS:
-        raise ConfigError(f"unknown export backend {backend!r}; valid: {', '.join(EXPORT_BACKENDS)}")
+    record = exporter(backend)
     model = checks.model(model, "fxprune.export")
     as_input_tuple(example_inputs)
     checks.writable_file(path, "fxprune.export")
-    if backend == "onnx":
-        if fp16:
-            raise ConfigError("fp16=True is only supported with backend='tensorrt'; "
-                              "the ONNX export is FP32 and validated in ONNX Runtime on CPU")
-        return export_onnx(model, path, example_inputs, dynamic_batch=dynamic_batch, **kw)
-    from .tensorrt import export_tensorrt  # imports nothing GPU-related until called
-
-    return export_tensorrt(model, path, example_inputs, dynamic_batch=dynamic_batch, fp16=fp16, **kw)
+    if fp16 and record.device != "cuda":
+        raise ConfigError(f"fp16=True is only supported with backend='tensorrt'; the {backend} export is FP32 and "
+                          f"validated in {record.name} on the CPU")
+    if fp16:
+        kw["fp16"] = True
+    return record.export(model, path, example_inputs, dynamic_batch=dynamic_batch, **kw)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import fxprune
 from fxprune.backends import compare_latency, export
-from fxprune.backends.latency import cpu_name, require_cuda, torch_threads
+from fxprune.backends.runners import cpu_name, require_cuda, torch_threads
 from fxprune.errors import BackendUnavailable
 from fxprune.models import build_model, calibrate_batchnorm
 

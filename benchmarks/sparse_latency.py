@@ -27,7 +27,7 @@ import torchvision
 
 import fxprune
 from fxprune.backends import compare_latency
-from fxprune.backends.latency import cpu_name
+from fxprune.backends.runners import cpu_name
 from fxprune.backends.sparse24 import require_sparse24, to_semi_structured
 from fxprune.errors import BackendUnavailable
 from fxprune.files import write_atomic

@@ -79,6 +79,11 @@ class CostModel:
         ]
         self.resources: dict[str, Callable[[dict], float | torch.Tensor]] = {"macs": self.macs, "params": self.params}
 
+    def add_resource(self, name: str, fn: Callable[[dict], float | torch.Tensor]) -> None:
+        """Limit ``name`` by budgets too: ``fn`` maps a keep decision (bool masks or soft tensors;
+        missing groups are whole) to a cost, e.g. a latency predictor's microseconds."""
+        self.resources[name] = fn
+
     def resource(self, name: str) -> Callable[[dict], float | torch.Tensor]:
         try:
             return self.resources[name]

@@ -82,7 +82,9 @@ class Method:
     from it); ``needs_training`` (decides from what training learned: compile refuses to run it
     without a loader); ``needs_total_steps`` (schedules over the run); ``needs_data`` (``decide``
     reads a calibration loader); ``granularity`` (``"channel"``: removes units of channel groups
-    under a flops/params budget; ``"weight"``: zeroes single weights under a sparsity budget).
+    under a flops/params/latency budget; ``"weight"``: zeroes single weights under a sparsity
+    budget); ``resources`` (the cost-model resources a channel method's decision can be held to:
+    a method that decides through ``fxprune.budget.allocate`` or ``Targets.met`` meets any).
     """
 
     name: ClassVar[str] = "method"
@@ -91,6 +93,7 @@ class Method:
     needs_training: ClassVar[bool] = False
     needs_total_steps: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    resources: ClassVar[tuple[str, ...]] = ("macs", "params", "latency")
 
     def __init__(self, **options: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Options)}

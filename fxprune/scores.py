@@ -35,7 +35,9 @@ def _filters(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
     return w.movedim(out_dim, 0).reshape(w.shape[out_dim], -1).double()
 
 
-def _producers(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup) -> Iterable[tuple[Any, Layer]]:
+def producers(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup) -> Iterable[tuple[Any, Layer]]:
+    """``(site, layer)`` for every conv/linear that produces ``group``'s channels in ``gm``.
+    Raises nothing of its own."""
     layers = {l.node: l for l in cg.layers}
     names = {n.name for n in gm.graph.nodes}
     for site in group.sites:
@@ -47,7 +49,7 @@ def per_filter_score(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, 
     """Sum over the group's producers of ``fn(filters)``, accumulated per unit. Raises nothing of
     its own (``gm`` and ``cg`` come from ``trace``/``analyze``, which check the model)."""
     scores = np.zeros(group.size)
-    for site, layer in _producers(gm, cg, group):
+    for site, layer in producers(gm, cg, group):
         np.add.at(scores, site.units, fn(_filters(gm, layer)))
     return scores
 
@@ -74,7 +76,7 @@ def anchor_sites(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup
     nodes = {n.name: n for n in gm.graph.nodes}
     found = []
     for g in groups:
-        for site, _ in _producers(gm, cg, g):
+        for site, _ in producers(gm, cg, g):
             anchor = gate_anchor(gm, nodes[site.node], modules)
             if anchor.op == "call_module":
                 found.append((g.id, site, anchor.target))
@@ -85,7 +87,7 @@ def filter_matrix(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup) -> 
     """Units x features: every producer's filters of each unit, side by side (a data-free
     description of what a unit computes). Raises nothing of its own."""
     parts = []
-    for site, layer in _producers(gm, cg, group):
+    for site, layer in producers(gm, cg, group):
         filters = _filters(gm, layer).numpy()
         per_unit = np.zeros((group.size, filters.shape[1]))
         np.add.at(per_unit, site.units, filters)
@@ -117,7 +119,7 @@ def bn_scale(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: An
     modules = dict(gm.named_modules())
     nodes = {n.name: n for n in gm.graph.nodes}
     scores, missing = np.zeros(group.size), []
-    for site, layer in _producers(gm, cg, group):
+    for site, layer in producers(gm, cg, group):
         anchor = gate_anchor(gm, nodes[site.node], modules)
         if anchor is nodes[site.node]:
             missing.append((site, layer))

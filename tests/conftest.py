@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fxprune.backends.latency import torch_threads
+from fxprune.backends.runners import torch_threads
 
 
 @pytest.fixture(scope="module")

@@ -235,8 +235,10 @@ CASES: list[Any] = [
     ("budget-bool", ConfigError, lambda e: (lambda: fxprune.Budget(flops=True), ("flops=True", "finite number"))),
     ("budget-round-to-zero", ConfigError, lambda e: (lambda: fxprune.Budget(flops=0.5, round_to=0), ("round_to=0", ">= 1"))),
     ("budget-round-to-float", ConfigError, lambda e: (lambda: fxprune.Budget(flops=0.5, round_to=8.0), ("round_to=8.0", "int"))),
-    ("budget-latency", ConfigError, lambda e: (lambda: fxprune.Budget(latency=2.0), ("latency", "round_to=16"))),
-    ("budget-typo", ConfigError, lambda e: (lambda: fxprune.Budget(flop=0.5), ("'flop'", "flops, params, round_to"))),
+    ("budget-latency-above-one", ConfigError, lambda e: (lambda: fxprune.Budget(latency=2.0), ("latency=2.0", "latency_ms="))),
+    ("budget-latency-unknown-backend", ConfigError, lambda e: (lambda: fxprune.prepare(
+        e.model, "l1", fxprune.Budget(latency=0.5, backend="ort"), X), ("'ort'", "onnxruntime, torch"))),
+    ("budget-typo", ConfigError, lambda e: (lambda: fxprune.Budget(flop=0.5), ("'flop'", "flops, params, latency"))),
     ("budget-below-floor", BudgetError, lambda e: (lambda: fxprune.compile(e.model, "l1", fxprune.Budget(flops=1e-6), X, progress=False),
                                                     ("below the floor", "raise the budget"))),
     ("budget-absolute-params-too-small", BudgetError, lambda e: (lambda: fxprune.prepare(e.model, "l1", fxprune.Budget(params=5), X),
@@ -378,6 +380,9 @@ CASES: list[Any] = [
                                                      ("rounds and repeats must be >= 1", "0"))),
     ("compile-validate-unknown", ConfigError, lambda e: (lambda: fxprune.compile(e.model, "l1", HALF, X, validate=["gpu"]),
                                                          ("unknown latency backend 'gpu'", "valid"))),
+    pytest.param("budget-latency-tensorrt-missing", BackendUnavailable, lambda e: (lambda: fxprune.prepare(
+        e.model, "l1", fxprune.Budget(latency=0.5, backend="tensorrt"), X), ("TensorRT backend unavailable", "missing")),
+                 marks=NO_TRT, id="budget-latency-tensorrt-missing"),
     pytest.param("compile-validate-no-cuda", BackendUnavailable, lambda e: (lambda: fxprune.compile(e.model, "l1", HALF, X, validate="torch-cuda"),
                                                                             ("needs a CUDA GPU", "CUDA-enabled PyTorch")),
                  marks=NO_CUDA, id="compile-validate-no-cuda"),

@@ -9,7 +9,7 @@ import pytest
 from fxprune.rules.base import REGISTRY
 
 MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize",
-           "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks"]
+           "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks", "fxprune.lpnet"]
 
 
 @pytest.mark.parametrize("name", MODULES)

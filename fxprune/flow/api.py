@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -83,6 +83,9 @@ class Prepared:
     measured: dict[str, int] | None = None  # the finalized module's MACs and parameters, counted
     compensation: CompensationReport | None = None
     sparsity: sp.SparsityReport | None = None  # a weight budget's zeros, counted on the finalized module
+    budget: Budget | None = None
+    latency_model: Any = None  # a latency budget's fxprune.flow.latency_model.LatencyModel
+    latency: dict[str, Any] | None = None  # a latency budget: target, predicted and measured, per attempt
 
     @property
     def module(self) -> fx.GraphModule:
@@ -153,19 +156,31 @@ class Prepared:
 
 
 def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget | None = None,
-            example_inputs: Sequence[Any] = (), total_steps: int | None = None,
-            **method_options: Any) -> Prepared:
+            example_inputs: Sequence[Any] = (), total_steps: int | None = None, progress: bool = True,
+            latency_model: dict[str, Any] | None = None, **method_options: Any) -> Prepared:
     """Trace and analyze ``model`` (a copy), resolve ``budget`` and let the method prepare.
 
-    Raises ``ConfigError`` (missing budget or inputs, unknown method or option, a method that
-    schedules over the run without ``total_steps``, a channel method with a sparsity budget or
-    the reverse, NaN/Inf weights or inputs, and what ``trace`` refuses), ``TraceError``,
-    ``BudgetError`` (a budget below what the unprunable layers cost).
+    A budget that names a backend reads its channel multiple (the width step unless the budget
+    sets ``round_to``); a latency budget also gets the backend's latency predictor
+    (``fxprune.flow.latency_model``, from the cache or measured now, with a progress bar when
+    ``progress``; ``latency_model``: options of ``build_latency_model`` such as ``samples``) as
+    the cost model's ``"latency"`` resource. Raises ``ConfigError`` (missing
+    budget or inputs, unknown method or option or backend, a method that schedules over the run
+    without ``total_steps``, a channel method with a sparsity budget or the reverse, NaN/Inf
+    weights or inputs, and what ``trace`` refuses), ``BackendUnavailable`` (the budget's backend
+    cannot run here: raised before any work), ``TraceError``, ``BudgetError`` (a budget below
+    what the unprunable layers cost).
     """
+    from fxprune.backends import require_backend
+
     _check_budget(budget, "fxprune.prepare")
+    record = require_backend(budget.backend) if budget.backend is not None else None
     example_inputs = checks.example_inputs(example_inputs, "fxprune.prepare")
     m = get_method(method, **method_options)
     _check_granularity(m, budget)
+    if budget.timed and "latency" not in m.resources:
+        raise ConfigError(f"method {m.name!r} does not prune to a latency budget; methods that do: "
+                          f"{', '.join(n for n, c in sorted(METHODS.items()) if 'latency' in c.resources)}")
     if m.needs_total_steps and not total_steps:
         raise ConfigError(f"{m.name} needs total_steps (the number of optimizer steps you will train) for its "
                           "schedules: fxprune.prepare(..., total_steps=epochs * len(loader))")
@@ -173,10 +188,18 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     checks.finite_state(gm, "fxprune.prepare")
     cg = analyze(gm)
     cost = CostModel(gm, cg)
-    ctx = Context(gm, gm, cg, cost, budget.resolve(cost), tuple(gm.meta["fxprune_example_inputs"]),
-                  dict(gm.meta.get("fxprune_leaf_modules", {})), total_steps=total_steps)
+    multiple = record.multiple().value if record is not None and budget.round_to is None else None
+    latency_model = None
+    if budget.timed:
+        from fxprune.flow.latency_model import build_latency_model
+
+        options = {"multiple": multiple or budget.round_to, "progress": progress, **dict(latency_model or {})}
+        latency_model = build_latency_model(gm, cg, budget.backend, **options)
+        cost.add_resource("latency", latency_model.predictor.resource)
+    ctx = Context(gm, gm, cg, cost, budget.resolve(cost, multiple), tuple(gm.meta["fxprune_example_inputs"]),
+                  dict(gm.meta.get("fxprune_leaf_modules", {})), total_steps=total_steps, show_progress=progress)
     m.prepare(ctx)
-    return Prepared(m, ctx)
+    return Prepared(m, ctx, budget=budget, latency_model=latency_model)
 
 
 def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensate: bool | dict[str, Any] = False,
@@ -198,6 +221,22 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     if not isinstance(prepared, Prepared):
         raise ConfigError(f"fxprune.finalize expects what fxprune.prepare returned, got {type(prepared).__name__}; "
                           "for a traced module and a Decision use fxprune.passes.finalize(gm, graph, decision)")
+    model = _finalize_once(prepared, data, rtol, compensate, progress)
+    if prepared.targets.backend is not None and "latency" in prepared.targets.limits:
+        model = _meet_latency(prepared, model, data, rtol, compensate, progress)
+    if prepared.targets.weights is not None:
+        _count_zeros(prepared, model)
+        if prepared.sparsity.empty:  # within budget, but a layer that passes nothing on
+            warnings.warn(f"finalize: {', '.join(prepared.sparsity.empty)} kept no non-zero weight (one global threshold "
+                          "over all layers emptied them): what follows sees only biases. Use Budget(scope='layer') or "
+                          "a lower sparsity, or keep such layers dense (dense_ends=True for the first and last)",
+                          FxpruneWarning, stacklevel=2)
+    return model
+
+
+def _finalize_once(prepared: Prepared, data: Any, rtol: float, compensate: bool | dict[str, Any],
+                   progress: bool) -> fx.GraphModule:
+    """The method's decision under ``prepared.targets``, finalized, counted and checked."""
     decision = prepared.method.decide(prepared.ctx, data)
     report = FinalizeReport()
     cg = prepared.channel_graph
@@ -216,7 +255,8 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     measured = {"macs": count_macs(model, prepared.ctx.example_inputs),
                 "params": sum(p.numel() for p in model.parameters())}
     prepared.measured = measured
-    over = {name: (measured[name], limit) for name, limit in prepared.targets.limits.items() if measured[name] > limit}
+    over = {name: (measured[name], limit) for name, limit in prepared.targets.limits.items()
+            if name in measured and measured[name] > limit}  # latency is measured on its backend afterwards
     if over:
         said = ", ".join(f"{name} {got:,} > {limit:,}" for name, (got, limit) in over.items())
         why = (f"finalize kept units that removed channels feed as constants ({report.retained}); lower the budget or "
@@ -224,14 +264,51 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
                f"method {prepared.method.name!r} decided more than the budget allows (its decide must meet "
                "ctx.targets, e.g. through fxprune.budget.allocate)")
         raise BudgetError(f"the finalized model misses its budget: {said} (measured on the finalized module); {why}")
-    if prepared.targets.weights is not None:
-        _count_zeros(prepared, model)
-        if prepared.sparsity.empty:  # within budget, but a layer that passes nothing on
-            warnings.warn(f"finalize: {', '.join(prepared.sparsity.empty)} kept no non-zero weight (one global threshold "
-                          "over all layers emptied them): what follows sees only biases. Use Budget(scope='layer') or "
-                          "a lower sparsity, or keep such layers dense (dense_ends=True for the first and last)",
-                          FxpruneWarning, stacklevel=2)
     return model
+
+
+LATENCY_TRIES = 3  # re-decisions on a tightened predictor target after a measured miss
+
+
+def _meet_latency(prepared: Prepared, model: fx.GraphModule, data: Any, rtol: float,
+                  compensate: bool | dict[str, Any], progress: bool) -> fx.GraphModule:
+    """Measure the finalized model against the dense one on the budget's backend; while it misses
+    the target by more than the measurement's noise, scale the predictor's limit by
+    target / measured and decide again (at most ``LATENCY_TRIES`` times). Records every attempt
+    in ``prepared.latency``; ``BudgetError`` if the last still misses."""
+    from fxprune.backends import compare_latency
+
+    budget, targets = prepared.budget, prepared.targets
+    backend = targets.backend
+    inputs = tuple(t[:1] for t in prepared.ctx.example_inputs)
+    predictor = prepared.latency_model.predictor
+    attempts = []
+    for attempt in range(LATENCY_TRIES + 1):
+        cmp = compare_latency(prepared.ctx.traced, model, backend=backend, example_inputs=inputs, rounds=5, repeats=10)
+        dense_ms, measured_ms = cmp.dense.median_ms, cmp.dense.median_ms / cmp.speedup
+        target_ms = budget.latency_ms if budget.latency_ms is not None else budget.latency * dense_ms
+        noise = max(0.02, (cmp.speedup_max - cmp.speedup_min) / (2 * cmp.speedup))
+        limit_us = prepared.targets.limits["latency"]
+        attempts.append({"limit_us": limit_us, "predicted_ms": predictor.predict_ms(prepared.decision.keep) *
+                         dense_ms / predictor.dense_ms, "measured_ms": measured_ms, "dense_ms": dense_ms,
+                         "noise": noise, "macs": prepared.measured["macs"]})
+        prepared.latency = {"backend": backend, "target_ms": target_ms, "dense_ms": dense_ms,
+                            "measured_ms": measured_ms, "predicted_ms": attempts[-1]["predicted_ms"],
+                            "ratio": measured_ms / dense_ms, "met": measured_ms <= target_ms * (1 + noise),
+                            "predictor_mape": prepared.latency_model.test_mape, "attempts": attempts}
+        if prepared.latency["met"]:
+            return model
+        if attempt == LATENCY_TRIES:
+            break
+        tighter = int(limit_us * target_ms / measured_ms)
+        if tighter < targets.floor["latency"]:
+            break
+        prepared.ctx.targets = replace(prepared.targets, limits={**prepared.targets.limits, "latency": tighter})
+        model = _finalize_once(prepared, data, rtol, compensate, progress)
+    raise BudgetError(f"the pruned model measures {measured_ms:.3f} ms on {backend}, above the latency target "
+                      f"{target_ms:.3f} ms (+{noise:.0%} noise) after {len(attempts)} decisions on a tightened latency "
+                      f"predictor (held-out error {prepared.latency_model.test_mape:.1f}%); lower the budget, or "
+                      "rebuild the predictor with more samples (fxprune latency-model)")
 
 
 @dataclass
@@ -257,6 +334,7 @@ class CompileReport:
     compensation: dict[str, Any] | None = None
     leaves: dict[str, str] = field(default_factory=dict)  # submodules tracing kept opaque, and why
     sparsity: dict[str, Any] | None = None  # a weight budget: zeros per layer and overall, non-zero MACs, bytes
+    latency_budget: dict[str, Any] | None = None  # a latency budget: target, predicted, measured, the predictor
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -292,6 +370,12 @@ class CompileReport:
                          f"{z['nonzero_macs'] / z['dense_macs']:.1%} of the layers' {z['dense_macs']:,}; stored "
                          f"{z['bytes_dense'] / 1e6:.2f} MB dense, {z['bytes_sparse'] / 1e6:.2f} MB sparse"
                          + (f"; no non-zero weight left in {', '.join(z['empty'])}" if z.get("empty") else ""))
+        if self.latency_budget:
+            lb = self.latency_budget
+            lines.append(f"latency budget ({lb['backend']}): target {lb['target_ms']:.3f} ms, predicted "
+                         f"{lb['predicted_ms']:.3f} ms, measured {lb['measured_ms']:.3f} ms = {lb['ratio']:.1%} of dense "
+                         f"{lb['dense_ms']:.3f} ms ({len(lb['attempts'])} decision(s); predictor error "
+                         f"{lb['predictor_mape']:.1f}%)")
         for k, v in self.accuracy.items():
             if v is not None:
                 lines.append(f"accuracy ({k}) {v:.4f}")
@@ -332,7 +416,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
             method_options: dict[str, Any] | None = None, calib_loader=None,
             loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
             output: Callable[[Any], Any] | None = None, compensate: bool | dict[str, Any] = False,
-            finetune_lop: bool | dict[str, Any] = False) -> CompileResult:
+            finetune_lop: bool | dict[str, Any] = False, latency_model: dict[str, Any] | None = None) -> CompileResult:
     """Prune ``model`` to ``budget`` with ``method``; the user's model is left untouched.
 
     Phases: prepare (trace, analyze, the method's gates if any); train ``epochs`` with the
@@ -344,7 +428,10 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     refits the consumers of removed channels on the calibration data before finalize (see
     ``finalize``): pruning without retraining. ``finetune_lop=True`` (or a dict of
     ``fxprune.passes.lop.expand`` options) fine-tunes a linearly over-parameterized copy (each
-    conv/linear a product of two) and collapses it back to the pruned shape, checked.
+    conv/linear a product of two) and collapses it back to the pruned shape, checked. Under a
+    latency budget, ``latency_model`` passes options to the predictor's build (see ``prepare``);
+    the pruned model is measured on the budget's backend and ``report.latency_budget`` holds the
+    target, the prediction and the measurement.
 
     Everything that can be checked is checked before the long work: the arguments, the
     backends named in ``validate`` (``BackendUnavailable``), the model and inputs (see
@@ -379,8 +466,8 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     for backend in validate:
         require_backend(backend)
     total = epochs * len(train_loader) if train_loader is not None and epochs > 0 else None
-    prepared = prepare(model, m, budget, example_inputs, total_steps=total)
-    prepared.ctx.show_progress = progress
+    prepared = prepare(model, m, budget, example_inputs, total_steps=total, progress=progress,
+                       latency_model=latency_model)
     example_inputs = prepared.ctx.example_inputs
     seconds["prepare"] = time.perf_counter() - t
     acc = {"input": _accuracy(_without_hooks(model), eval_loader, output) if eval_loader is not None else None}
@@ -480,6 +567,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, s
         method_report=m.report(prepared.ctx),
         compensation=asdict(prepared.compensation) if prepared.compensation is not None else None,
         sparsity=asdict(prepared.sparsity) if prepared.sparsity is not None else None,
+        latency_budget=dict(prepared.latency, predictor=prepared.latency_model.to_dict()) if prepared.latency else None,
         leaves=dict(prepared.ctx.leaf_modules),
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",

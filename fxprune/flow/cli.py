@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fxprune import checks
-from fxprune.backends import EXPORT_BACKENDS, LATENCY_BACKENDS
+from fxprune.backends import export_backends, latency_backends
 from fxprune.data import DATASETS
 from fxprune.errors import ConfigError, FxpruneError
 from fxprune.files import atomic_path, write_atomic
@@ -61,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="gdp", choices=method_names())
     c.add_argument("--flops", type=float, default=None, help="FLOPs budget: fraction of dense (0-1] or absolute MACs")
     c.add_argument("--params", type=float, default=None, help="parameter budget: fraction or absolute count")
-    c.add_argument("--round-to", type=int, default=1, help="keep group widths a multiple of this")
+    c.add_argument("--latency", type=float, default=None,
+                   help="latency budget: fraction of the dense latency measured on --backend (fitted LPNet predictor)")
+    c.add_argument("--latency-ms", type=float, default=None, help="latency budget in milliseconds on --backend")
+    c.add_argument("--backend", choices=list(latency_backends()), default=None,
+                   help="where a latency budget is measured (default onnxruntime); also sets the width step to "
+                        "its detected channel multiple unless --round-to is given")
+    c.add_argument("--round-to", type=int, default=None,
+                   help="keep group widths a multiple of this (default 1, or the --backend's channel multiple)")
     c.add_argument("--sparsity", type=float, default=None,
                    help="weight-sparsity budget: fraction of zero weights (for gmp, cyclical, granet, lap, sculpt)")
     c.add_argument("--nm", type=_nm, default=None, help="N:M weight budget, e.g. 2:4 (for nm, gmp, cyclical, lap)")
@@ -81,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="output folder (default runs/<model>-<method>-<time>); must be new or empty")
     c.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing an earlier run's files there")
-    c.add_argument("--export", choices=list(EXPORT_BACKENDS), default=None,
+    c.add_argument("--export", choices=list(export_backends()), default=None,
                    help="also write model.onnx (validated in ONNX Runtime) or model.engine (TensorRT)")
-    c.add_argument("--validate", action="append", default=[], choices=list(LATENCY_BACKENDS),
+    c.add_argument("--validate", action="append", default=[], choices=list(latency_backends()),
                    help="measure dense vs pruned latency on this backend (repeatable)")
     c.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="compare methods on the same data, budget and schedule (JSON, markdown, PNG)")
@@ -111,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="plot accuracy against MACs (and latency) of several runs")
     m.add_argument("run_dirs", nargs="+")
     m.add_argument("--out", default="compare.png")
+    lm = sub.add_parser("latency-model", help="measure width samples on a backend, fit the LPNet latency predictor "
+                                              "(cached for latency budgets) and print its error")
+    lm.add_argument("--model", default="resnet20")
+    lm.add_argument("--input-size", type=int, default=32)
+    lm.add_argument("--num-classes", type=int, default=10)
+    lm.add_argument("--backend", choices=list(latency_backends()), default="onnxruntime")
+    lm.add_argument("--samples", type=int, default=80, help="width configurations measured (fit + held out)")
+    lm.add_argument("--holdout", type=int, default=20, help="of those, held out to report the error")
+    lm.add_argument("--lookup-table", action="store_true", help="also measure the per-layer lookup table's error")
+    lm.add_argument("--no-cache", action="store_true", help="measure again even if a cached predictor exists")
+    lm.add_argument("--json", default=None, help="also write every measured sample to this JSON file")
+    lm.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("analyze", help="print the channel groups of a model")
     a.add_argument("--model", default="resnet18")
     a.add_argument("--input-size", type=int, default=64)
@@ -142,8 +161,10 @@ def _compile(args: argparse.Namespace) -> int:
     if args.sparsity is not None or args.nm is not None:
         budget = fxprune.Budget(sparsity=args.sparsity, nm=args.nm, scope=args.scope, dense_ends=args.dense_ends)
     else:
-        flops = args.flops if args.flops is not None or args.params is not None else 0.5
-        budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to)
+        timed = args.latency is not None or args.latency_ms is not None
+        flops = args.flops if args.flops is not None or args.params is not None or timed else 0.5
+        budget = fxprune.Budget(flops=flops, params=args.params, round_to=args.round_to, latency=args.latency,
+                                latency_ms=args.latency_ms, backend=args.backend)
     if args.export == "tensorrt":
         require_tensorrt()
     for backend in args.validate:
@@ -188,6 +209,32 @@ def _compile(args: argparse.Namespace) -> int:
         (out / stale).unlink(missing_ok=True)
     print(summary)
     print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _latency_model(args: argparse.Namespace) -> int:
+    import fxprune
+    from fxprune.backends import require_backend
+    from fxprune.flow.latency_model import build_latency_model
+    from fxprune.models import model_from_spec
+
+    record = require_backend(args.backend)
+    if args.json:
+        checks.writable_file(args.json, "--json")
+    model = model_from_spec(args.model, num_classes=args.num_classes)
+    x = torch.randn(1, 3, args.input_size, args.input_size)
+    gm = fxprune.trace(model, (x,))
+    multiple = record.multiple()
+    print(f"fxprune: {args.backend} channel multiple {multiple.value} ({multiple.source}; {multiple.isa} suggests "
+          f"{multiple.isa_guess}; time relative to width {multiple.reference_width}: {multiple.ratios})", flush=True)
+    lm = build_latency_model(gm, fxprune.analyze(gm), args.backend, samples=args.samples, holdout=args.holdout,
+                             multiple=multiple.value, lookup_table=args.lookup_table, cache=not args.no_cache,
+                             progress=not args.no_progress)
+    print(lm.summary())
+    print(f"cache: {lm.cache_path}")
+    if args.json:
+        write_atomic(args.json, json.dumps({"multiple": multiple.to_dict(), **lm.to_dict()}, indent=2, default=str))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -239,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"compile": _compile, "analyze": _analyze, "bench": _bench, "report": _report,
+                "latency-model": _latency_model,
                 "compare": _compare}[args.command](args)
     except FxpruneError as exc:
         print(f"fxprune: error: {exc}", file=sys.stderr)

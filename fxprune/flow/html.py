@@ -94,6 +94,28 @@ def latency_png(report: dict[str, Any]) -> bytes | None:
     return _png(plt, fig)
 
 
+def latency_budget_png(report: dict[str, Any]) -> bytes | None:
+    """A latency budget's run: the predictor's samples (predicted vs measured, relative to dense),
+    and the pruned model's prediction and measurement against the target."""
+    lb = report.get("latency_budget")
+    if not lb:
+        return None
+    plt, fig, (ax,) = _figure(4.4, 4.0)
+    for split, color in (("fit", "#bbbbbb"), ("test", "#1f77b4")):
+        pts = [(s["measured"], s["predicted"]) for s in lb["predictor"]["samples"] if s["split"] == split]
+        if pts:
+            ax.scatter(*zip(*pts), s=12, color=color, label=f"{split} samples")
+    ax.scatter([lb["ratio"]], [lb["predicted_ms"] / lb["dense_ms"]], marker="*", s=120, color="#d62728",
+               label="pruned model", zorder=3)
+    ax.axvline(lb["target_ms"] / lb["dense_ms"], color="black", lw=1, ls="--", label="target")
+    ax.plot([0, 1.05], [0, 1.05], color="#999999", lw=0.8)
+    ax.set_xlabel(f"measured latency / dense ({lb['backend']})")
+    ax.set_ylabel("predicted latency / dense")
+    ax.set_title(f"LPNet held-out error {lb['predictor_mape']:.1f}%")
+    ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
 def sparsity_png(report: dict[str, Any]) -> bytes | None:
     """A weight budget's run: the fraction of zero weights per prunable weight tensor."""
     z = report.get("sparsity")
@@ -153,6 +175,13 @@ def render(report: dict[str, Any], summary: str = "") -> str:
             _img(sparsity_png(report), "sparsity per weight tensor")) if report.get("sparsity") else
           ("<h2>Kept width per group</h2>", _img(widths_png(report), "kept width per group"))),
         "<h2>Training</h2>", _img(curves_png(report), "training curves") or "<p>no training epochs</p>",
+        *(("<h2>Latency budget</h2>", _table(("decision", "predictor limit (µs)", "predicted ms", "measured ms",
+                                               "target ms", "noise"),
+                                              [(i + 1, a["limit_us"], f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
+                                                f"{report['latency_budget']['target_ms']:.3f}", f"{a['noise']:.1%}")
+                                               for i, a in enumerate(report["latency_budget"]["attempts"])]),
+            _img(latency_budget_png(report), "predicted vs measured latency"))
+          if report.get("latency_budget") else ()),
         "<h2>Latency</h2>", _img(latency_png(report), "latency") or "<p>not measured (validate=...)</p>",
         "<h2>Groups that were not prunable</h2>", _table(("group", "size", "why"), fixed),
         "<h2>Submodules tracing kept opaque</h2>", _table(("module", "why"), leaves),

@@ -1,7 +1,7 @@
 """Pruning methods: each a small file of hooks over the shared channel graph (``fxprune.method``).
 
-Importing this package registers them by name. Channel methods (flops/params budgets): l1, gdp,
-greg1, greg2, tpp, functionality. Weight methods (sparsity/N:M budgets, ``sparse``): gmp,
+Importing this package registers them by name. Channel methods (flops/params/latency budgets): l1,
+gdp, greg1, greg2, tpp, functionality, wgates. Weight methods (sparsity/N:M budgets, ``sparse``): gmp,
 cyclical, nm, granet, lap, sculpt.
 """
 from fxprune.passes.methods.cyclical import NM, Cyclical
@@ -16,6 +16,7 @@ from fxprune.passes.methods.lap import LAP
 from fxprune.passes.methods.sculpt import Sculpt
 from fxprune.passes.methods.sparse import WeightMethod
 from fxprune.passes.methods.tpp import TPP
+from fxprune.passes.methods.wgates import WGates
 
 __all__ = ["Cyclical", "Functionality", "GateMethod", "GDP", "GMP", "GraNet", "GReg1", "GReg2", "L1Norm", "LAP",
-           "NM", "Sculpt", "TPP", "WeightMethod"]
+           "NM", "Sculpt", "TPP", "WeightMethod", "WGates"]

@@ -3,6 +3,7 @@ gates inserted at the groups' producers, trained in their own optimizer group, r
 Decision (exact zeros are removed units; the other values are folded)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fxprune.decision import Decision
@@ -29,3 +30,20 @@ class GateMethod(Method):
 
     def gate_decision(self, ctx: Context) -> Decision:
         return read_gates(ctx.module, ctx.graph)
+
+
+def round_down(keep: dict[int, np.ndarray], values: dict[int, np.ndarray], r: int) -> dict[int, np.ndarray]:
+    """Honour ``round_to=r``: drop each pruned group's lowest-valued survivors down to a multiple
+    of r. Removing units only lowers every cost, so a met budget stays met; a group with fewer
+    than r survivors keeps them all (a removed unit is not revived), and untouched groups keep
+    their width."""
+    if r == 1:
+        return keep
+    for gid, mask in keep.items():
+        alive = np.nonzero(mask)[0]
+        if len(alive) == len(mask) or len(alive) < r:
+            continue
+        extra = len(alive) % r
+        if extra:
+            mask[alive[np.argsort(values[gid][alive], kind="stable")[:extra]]] = False
+    return keep

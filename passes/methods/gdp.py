@@ -2,7 +2,8 @@
 
 Per unit a trainable scalar x and the smoothed-L0 gate g = x^2 / (x^2 + eps): g(0) = 0 exactly
 and dg/dx = 0 there, so a gate that reaches 0 stays there. Training minimises
-task loss + lam * FLOPs(g) / FLOPs(dense), FLOPs bilinear in the gates through the cost model.
+task loss + lam * FLOPs(g) / FLOPs(dense), FLOPs bilinear in the gates through the cost model
+(under a latency budget, the backend's latency predictor in place of FLOPs: ``fxprune.lpnet``).
 
 Choices that are this library's [A], because the paper leaves them open:
 - placement: one gate per channel group at the group's producers (after their BatchNorm),
@@ -68,7 +69,7 @@ from fxprune.errors import ConfigError
 from fxprune.decision import Decision
 from fxprune.method import Context, register_method
 from fxprune.passes.gates import Gate
-from fxprune.passes.methods.gated import GateMethod
+from fxprune.passes.methods.gated import GateMethod, round_down
 
 
 class GDPGate(Gate):
@@ -147,7 +148,8 @@ class GDP(GateMethod):
         soft = self.soft_keep()
         if self.options.penalty == "uniform":  # every unit pushed alike; snapping keeps the budget
             return self.lam * sum(v.sum() for v in soft.values()) / sum(v.numel() for v in soft.values())
-        return self.lam * ctx.cost.macs(soft) / float(ctx.targets.dense_macs)
+        name = ctx.targets.primary  # FLOPs, or the latency predictor under a latency budget
+        return self.lam * ctx.cost.resource(name)(soft) / float(ctx.targets.dense[name])
 
     def path(self, ctx: Context) -> Targets:
         """The limits allowed now: from dense at the end of the warm-up down to the budget
@@ -219,7 +221,8 @@ class GDP(GateMethod):
         gate.weight[removed] = 0.0
 
     def decide(self, ctx: Context, data: Any = None) -> Decision:
-        keep = self._round_down(ctx, self.hard_keep())
+        values = {gid: gate.values().detach().numpy() for gid, gate in self.gates.items()}
+        keep = round_down(self.hard_keep(), values, ctx.targets.round_to)
         for gid, mask in keep.items():  # only a bypassed group may die: finalize drops its branch
             if not mask.any() and gid not in self.bypassed:
                 mask[0] = True
@@ -229,23 +232,6 @@ class GDP(GateMethod):
             keep = allocate(ctx.cost, ctx.targets, scores)
         scale = {gid: gate.values().detach().float() for gid, gate in self.gates.items()}
         return Decision(keep, scale)
-
-    def _round_down(self, ctx: Context, keep: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Honour ``Budget(round_to=r)``: drop a group's smallest surviving gates down to a
-        multiple of r. Removing channels only lowers the cost, so a met budget stays met; a group
-        with fewer than r survivors keeps them all (a zeroed gate cannot be revived exactly)."""
-        r = ctx.targets.round_to
-        if r == 1:
-            return keep
-        for gid, mask in keep.items():
-            alive = np.nonzero(mask)[0]
-            if len(alive) == len(mask) or len(alive) < r:  # untouched groups keep their width
-                continue
-            extra = len(alive) % r
-            if extra:
-                values = self.gates[gid].values().detach().numpy()[alive]
-                mask[alive[np.argsort(values, kind="stable")[:extra]]] = False
-        return keep
 
     def schedule(self, ctx: Context) -> dict[str, float]:
         eps = next(iter(self.gates.values())).eps.item() if self.gates else self.options.eps_start
