@@ -4,7 +4,7 @@ Three parts, each saving benchmarks/results/<stem>.{json,md} with machine info:
 
 - ``predictor``: per model, the LPNet predictor's error on 20 held-out width configurations next to
   the per-layer lookup table's, measured on ONNX Runtime (CPU, 1 thread, batch 1)
-  -> ``latency_predictor``;
+  -> ``latency_predictor`` (and a PNG of predicted vs measured);
 - ``multiple``: L1 at 50% FLOPs with ``Budget(flops=0.5, backend="onnxruntime")`` (the width step is
   the backend's detected channel multiple, no ``round_to`` given) against plain L1: the realised
   fraction of the FLOPs-proportional speedup -> ``latency_multiple``;
@@ -35,7 +35,7 @@ from fxprune.backends import compare_latency, detect_multiple
 from fxprune.budget import fewest_meeting
 from fxprune.data import digits_loaders
 from fxprune.decision import Decision
-from fxprune.files import write_atomic
+from fxprune.files import atomic_path, write_atomic
 from fxprune.flow.latency_model import build_latency_model
 from fxprune.method import Context, Method
 from fxprune.models import build_model, calibrate_batchnorm
@@ -221,6 +221,33 @@ def markdown(part: str, rows: list[dict[str, Any]], info: dict[str, Any]) -> str
     return "\n".join(out) + "\n"
 
 
+def plot_predictor(rows: list[dict[str, Any]], path: Path) -> None:
+    """Predicted vs measured latency (relative to dense) on the held-out widths, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4.0), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        measured = [s["measured"] for s in r["held_out"]]
+        ax.scatter(measured, [s["predicted"] for s in r["held_out"]], s=16, label=f"LPNet ({r['lpnet_mape']:.1f}%)")
+        if r.get("lut_mape") is not None:
+            ax.scatter(measured, [s["lookup_table"] for s in r["held_out"]], s=16, marker="x",
+                       label=f"lookup table ({r['lut_mape']:.1f}%)")
+        lo = min(measured + [s["predicted"] for s in r["held_out"]]) * 0.95
+        ax.plot([lo, 1.02], [lo, 1.02], color="#999999", lw=0.8)
+        ax.set_title(f"{r['model']} ({r['input']})")
+        ax.set_xlabel("measured latency / dense")
+        ax.set_ylabel("predicted latency / dense")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("predictor", "multiple", "budget"), required=True)
@@ -230,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", type=int, default=4)
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/latency_<part>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw the predictor plot from its JSON")
     args = p.parse_args(argv)
+    stem = Path(args.out) if args.out else RESULTS / f"latency_{args.part}"
+    if args.plot_only:
+        plot_predictor(json.loads(stem.with_suffix(".json").read_text())["rows"], stem.with_suffix(".png"))
+        print(f"wrote {stem}.png")
+        return 0
     torch.set_num_threads(1)
     defaults = {"predictor": "resnet20,resnet18,mobilenet_v2", "multiple": "resnet50,mobilenet_v2,densenet121",
                 "budget": "resnet20,resnet18,mobilenet_v2"}
@@ -243,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = part_budget(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.finetune, progress)
     info = {**machine_info("onnxruntime"), "multiple": detect_multiple("onnxruntime").to_dict()}
-    stem = Path(args.out) if args.out else RESULTS / f"latency_{args.part}"
     write_atomic(stem.with_suffix(".json"), json.dumps({"machine": info, "rows": rows}, indent=2, default=str))
     write_atomic(stem.with_suffix(".md"), markdown(args.part, rows, info))
+    if args.part == "predictor":
+        plot_predictor(rows, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 

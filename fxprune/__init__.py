@@ -3,7 +3,8 @@
 trace -> analyze -> method passes (prepare / train / decide) -> finalize -> lower (export).
 
 The core (tracing, the channel IR and its op rules, cost, budgets, methods' interface, scores)
-is imported here; the user-facing flow (``compile``, ``prepare``, ``finalize``, ``export``),
+is imported here; the user-facing flow (``compile``, ``prepare``, ``finalize``, ``export``,
+``build_latency_model``),
 which sits above the passes and backends, is loaded on first use, so that any module of the
 package can be imported first without an import cycle.
 """
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from fxprune.flow import saving
 
         return getattr(saving, name)
+    if name == "build_latency_model":
+        from fxprune.flow import latency_model
+
+        return latency_model.build_latency_model
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
@@ -48,7 +53,7 @@ def export(model, path, backend: str = "onnx", **kwargs):
 __all__ = [
     "trace", "analyze", "prepare", "finalize", "compile", "export", "save", "load", "Budget", "CostModel",
     "count_macs", "ChannelGraph", "ChannelGroup", "Prepared", "CompileResult", "CompileReport",
-    "Decision", "Method", "Context", "register_method", "get_method", "rules", "scores",
+    "Decision", "Method", "Context", "register_method", "get_method", "build_latency_model", "rules", "scores",
     "register_op", "OpRule", "FxpruneError", "TraceError", "AnalysisError", "EquivalenceError",
     "BudgetError", "BackendUnavailable", "ExportError", "ConfigError", "FxpruneWarning",
 ]

@@ -288,3 +288,49 @@ def test_cuda_latency_budget_is_met_when_measured():
                         progress=False, latency_model={"samples": 24, "holdout": 6})
     assert r.report.latency_budget["met"] and r.report.latency_budget["backend"] == "torch-cuda"
 
+
+
+def test_gdp_penalises_predicted_latency_under_a_latency_budget():
+    prepared = fxprune.prepare(small_net(), "gdp", fxprune.Budget(latency=0.5), X, total_steps=10,
+                               latency_model=TINY)
+    prepared.ctx.step = 5  # past the warm-up
+    penalty = prepared.loss()
+    predictor = prepared.latency_model.predictor
+    soft = prepared.method.soft_keep()
+    with torch.no_grad():
+        expected = prepared.method.lam * predictor.resource(soft) / prepared.targets.dense["latency"]
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    penalty.backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in prepared.method.gates.values())
+
+
+def test_cli_latency_model_prints_its_error_and_caches(tmp_path, capsys):
+    import json
+
+    from fxprune.flow.cli import main
+
+    argv = ["latency-model", "--model", "resnet20", "--input-size", "16", "--samples", "8", "--holdout", "2",
+            "--no-progress", "--json", str(tmp_path / "lm.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "channel multiple" in out and "held-out widths" in out and "[cached]" not in out
+    saved = json.loads((tmp_path / "lm.json").read_text())
+    assert saved["channel_multiple"]["source"] == "measured" and saved["multiple"] == saved["channel_multiple"]["value"] and len(saved["samples"]) == 8 and saved["test_mape"] >= 0
+    assert main(argv[:-2]) == 0 and "[cached]" in capsys.readouterr().out
+    assert main(["latency-model", "--backend", "tensorrt"]) == (2 if registry.BACKENDS["tensorrt"].unavailable() else 0)
+
+
+@pytest.mark.slow
+def test_cli_compile_to_a_latency_budget(tmp_path):
+    import json
+
+    from fxprune.flow.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compile", "--model", "resnet20", "--dataset", "digits", "--method", "l1", "--latency", "0.5",
+                 "--epochs", "0", "--finetune-epochs", "0", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    lb = report["latency_budget"]
+    assert lb["met"] and lb["backend"] == "onnxruntime" and report["budget"]["latency"] == 0.5
+    assert "latency budget (onnxruntime)" in (out / "summary.txt").read_text()
+    assert "<h2>Latency budget</h2>" in (out / "report.html").read_text()

@@ -233,7 +233,8 @@ def _latency_model(args: argparse.Namespace) -> int:
     print(lm.summary())
     print(f"cache: {lm.cache_path}")
     if args.json:
-        write_atomic(args.json, json.dumps({"multiple": multiple.to_dict(), **lm.to_dict()}, indent=2, default=str))
+        record = {**lm.to_dict(), "channel_multiple": multiple.to_dict()}
+        write_atomic(args.json, json.dumps(record, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 
