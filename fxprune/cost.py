@@ -105,6 +105,14 @@ class CostModel:
             total = total + _layer_macs(l, keep)
         return total
 
+    def layer_widths(self, keep: dict) -> list[tuple[int, int]]:
+        """Kept (input, output) channels of every conv/linear layer (``cg.layers`` order) under
+        ``keep`` (bool masks; missing groups whole). A grouped layer's input is its full
+        per-group fan-in times its groups."""
+        keep = self._complete(keep)
+        return [(l.in_per_group * layer.groups if l.grouped else int(_count(l.inputs, keep)), int(_count(l.outputs, keep)))
+                for layer, l in zip(self.cg.layers, self.layers)]
+
     def weight_macs(self) -> dict[str, int]:
         """Dense MACs per example of the layers that use each conv/linear weight (by its qualified
         name; a shared weight sums its layers): a weight's share of them is its density."""

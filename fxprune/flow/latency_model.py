@@ -34,7 +34,7 @@ import fxprune
 from fxprune.backends.hardware import cpu_isa
 from fxprune.backends.registry import require_backend
 from fxprune.backends.runners import Bench, RunSpec, cpu_name, torch_threads, versions
-from fxprune.cost import CostModel, _count
+from fxprune.cost import CostModel
 from fxprune.decision import Decision
 from fxprune.errors import FxpruneWarning
 from fxprune.files import atomic_path
@@ -256,24 +256,20 @@ class LayerTable:
                 self.shapes.append(("linear", (1, 1), (1, 1), (0, 0), (1, 1), (1, int(np.prod(spatial or (1,))))))
         self.times: dict[tuple, float] = {}
 
-    def _widths(self, keep: dict) -> list[tuple[int, int, int]]:
-        out = []
-        for layer, lc in zip(self.cg.layers, self.cost.layers):
-            c_out = int(_count(lc.outputs, keep))
-            c_in = int(_count(lc.inputs, keep)) if not lc.grouped else lc.in_per_group * layer.groups
-            groups = layer.groups
-            if groups > 1 and lc.in_per_group == 1:  # depthwise: groups follow the kept width
-                c_in = groups = c_out
-            out.append((c_in, c_out, groups))
-        return out
-
     def _keys(self, counts: dict[int, int]) -> list[tuple]:
+        """(layer index, kept inputs, kept outputs, groups) per layer: what the table is keyed by."""
         keep = {}
         for gid, k in counts.items():
             m = np.zeros(self.cg.group(gid).size, dtype=bool)
             m[:k] = True
             keep[gid] = m
-        return [(i, *w) for i, w in enumerate(self._widths(self.cost._complete(keep)))]
+        keys = []
+        for i, (layer, (c_in, c_out)) in enumerate(zip(self.cg.layers, self.cost.layer_widths(keep))):
+            groups = layer.groups
+            if groups > 1 and c_in == groups:  # depthwise: its groups follow the kept width
+                c_in = groups = c_out
+            keys.append((i, c_in, c_out, groups))
+        return keys
 
     def _module(self, key: tuple) -> torch.nn.Module:
         i, c_in, c_out, groups = key
