@@ -135,7 +135,7 @@ def test_predictor_fits_a_nonlinear_latency_and_is_differentiable():
     us = p.resource(soft)
     us.backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in soft.values())
-    assert p.resource({}) == pytest.approx(float(p.ratio(torch.ones(4, dtype=torch.float64))) * 2000.0)
+    assert p.resource({}) == pytest.approx(p.ratio(torch.ones(4, dtype=torch.float64)).item() * 2000.0)
     clone = LatencyPredictor.from_state_dict(p.state_dict())
     assert clone.predict_ms({0: np.ones(16, bool)}) == pytest.approx(p.predict_ms({0: np.ones(16, bool)}))
 
