@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.fx as fx
@@ -46,6 +46,10 @@ class Context:
     total_steps: int | None = None
     show_progress: bool = True  # progress bars for a method's own long work (compile's progress)
     optimizer: torch.optim.Optimizer | None = None  # the training loop's, where it told (compile, Prepared.step)
+    # for a method that owns the step: the logits of the model's outputs and the task loss on them
+    # (compile sets them from its ``output`` and ``loss_fn``; None: the outputs, cross-entropy)
+    output: Callable[[Any], Any] | None = None
+    task_loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def progress(self) -> float:

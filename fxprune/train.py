@@ -101,7 +101,8 @@ def train(
     labels)``) plus ``extra_loss()``,
     backward, ``after_backward()``, optimizer step, learning-rate step, then ``on_step(step)``
     with the 0-based index of the step just taken, counted across epochs. ``train_step(batch,
-    optimizer) -> (outputs, task loss)`` replaces forward to optimizer step when given. ``schedule="cosine"``
+    optimizer) -> (logits, task loss)`` replaces forward to optimizer step when given (its logits
+    are what accuracy reads: ``output`` already applied). ``schedule="cosine"``
     anneals every group's rate to zero over all steps (per step, not per epoch, so short
     runs anneal smoothly); ``lr_factor(step)`` replaces the schedule by that multiplier of ``lr``
     (a method's own, e.g. per-cycle restarts). ``on_optimizer`` receives the optimizer once it
@@ -161,7 +162,6 @@ def train(
             if train_step is not None:
                 with _single_example_batch(inputs, where):
                     outputs, task_loss = train_step((inputs, targets), opt)
-                outputs = _logits(outputs, output, loss_fn, where)
                 loss = task_loss
             else:
                 opt.zero_grad(set_to_none=True)

@@ -468,6 +468,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     total = epochs * len(train_loader) if train_loader is not None and epochs > 0 else None
     prepared = prepare(model, m, budget, example_inputs, total_steps=total, progress=progress,
                        latency_model=latency_model)
+    prepared.ctx.output, prepared.ctx.task_loss = output, loss_fn
     example_inputs = prepared.ctx.example_inputs
     seconds["prepare"] = time.perf_counter() - t
     acc = {"input": _accuracy(_without_hooks(model), eval_loader, output) if eval_loader is not None else None}
