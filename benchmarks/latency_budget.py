@@ -132,12 +132,13 @@ def _train_loader(shape: tuple[int, ...], images: int | None, seed: int):
     return data
 
 
-def part_budget(models: list[str], seeds: list[int], epochs: int, finetune: int, progress: bool) -> list[dict[str, Any]]:
+def part_budget(models: list[str], seeds: list[int], epochs: int, finetune: int, progress: bool,
+                methods: tuple[str, ...] = ("l1", "uniform", "wgates")) -> list[dict[str, Any]]:
     rows = []
     for name in models:
         digits = name == "resnet20"
         for seed in seeds if digits else seeds[:1]:
-            for method in ("l1", "uniform", "wgates"):
+            for method in methods:
                 torch.manual_seed(seed)
                 if digits:
                     dense = build_model("resnet20", num_classes=10)
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/latency_<part>)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the predictor plot from its JSON")
+    p.add_argument("--methods", default="l1,uniform,wgates", help="budget part: comma-separated methods")
+    p.add_argument("--merge", action="store_true",
+                   help="budget part: keep the saved rows of the other methods (re-measure only --methods)")
     args = p.parse_args(argv)
     stem = Path(args.out) if args.out else RESULTS / f"latency_{args.part}"
     if args.plot_only:
@@ -274,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.part == "multiple":
         rows = part_multiple(models, progress)
     else:
-        rows = part_budget(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.finetune, progress)
+        methods = tuple(args.methods.split(","))
+        rows = part_budget(models, [int(s) for s in args.seeds.split(",")], args.epochs, args.finetune, progress, methods)
+        if args.merge and stem.with_suffix(".json").exists():
+            saved = json.loads(stem.with_suffix(".json").read_text())["rows"]
+            rows = [r for r in saved if r["method"] not in methods] + rows
     info = {**machine_info("onnxruntime"), "multiple": detect_multiple("onnxruntime").to_dict()}
     write_atomic(stem.with_suffix(".json"), json.dumps({"machine": info, "rows": rows}, indent=2, default=str))
     write_atomic(stem.with_suffix(".md"), markdown(args.part, rows, info))

@@ -173,7 +173,7 @@ def run_one(cfg: BenchConfig, method: str, flops: float, seed: int) -> Run:
             "macs_fraction": r.pruned["flops"] / r.dense["flops"], "params": r.pruned["params"],
             "seconds": dict(r.seconds), "method_options": r.method_options,
             "widths": {str(g["id"]): [g["kept"], g["size"]] for g in r.groups if g["prunable"]},
-            "max_rel_diff": r.equivalence["max_rel_diff"]}
+            "max_rel_diff": r.equivalence["max_rel_diff"], "method_report": r.method_report}
 
 
 def _dense_weights(model: torch.nn.Module) -> Run:

@@ -22,7 +22,11 @@ every score of a layer together and gates closed before any penalty); a per-unit
 bias initialised to ``init`` plus ``spread`` times the z-score of the unit's filter L1
 norm within its group, so every gate starts open and ranked by magnitude; the hinge penalty; the
 allowed cost ``T(t)`` falling linearly from dense to the budget over ``search`` of training after
-a penalty-free ``warmup``. fxprune's first version had no path and equal starting scores: every
+a penalty-free ``warmup``, with the penalty's weight growing by ``1 + lam_rate`` per 1% of training
+while the binary gates cost more than ``T(t)`` (shrinking back otherwise; GDP's adaptive lambda:
+with a fixed ``lam`` the gates lagged behind the path at 25% and 10% FLOPs on digits-hard, the
+allocator finished the cut at decide and the pruned model fell from 81-85% to 9-22% before
+fine-tuning). fxprune's first version had no path and equal starting scores: every
 unit of a group then received the same penalty gradient, whole groups closed in the same step
 and ResNet-20 on digits fell to 3.8% of its FLOPs at chance accuracy for a 50% budget.
 """
@@ -47,7 +51,8 @@ from fxprune.scores import producers
 @dataclass(frozen=True)
 class WGatesOptions:
     hidden: int = 16  # width of each producer's gate network
-    lam: float = 5.0  # weight of the hinge penalty on the budget's resource
+    lam: float = 5.0  # starting weight of the hinge penalty on the budget's resource
+    lam_rate: float = 0.2  # lam grows by 1 + lam_rate per 1% of training while the binary gates cost more than T(t)
     warmup: float = 0.1  # fraction of training before the penalty starts
     search: float = 0.5  # fraction of training over which the allowed cost falls to the budget
     init: float = 3.0  # initial score of every unit (gates open, sigmoid slope 0.045: no early flips)
@@ -104,6 +109,10 @@ class WGates(GateMethod):
     needs_training = True
     needs_total_steps = True
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.lam = self.options.lam
+
     def make_gate(self, group: ChannelGroup) -> Gate:
         filters = [(self._traced.get_parameter(layer.weight), 1 if layer.kind == "conv_transpose" else 0, site.units)
                    for site, layer in producers(self._traced, self._graph, group)]
@@ -128,7 +137,24 @@ class WGates(GateMethod):
         if ctx.step < self.options.warmup * ctx.total_steps:
             return None
         cost = ctx.cost.resource(ctx.targets.primary)({gid: g.values() for gid, g in self.gates.items()})
-        return self.options.lam * torch.relu(cost / self.allowed(ctx) - 1.0)
+        return self.lam * torch.relu(cost / self.allowed(ctx) - 1.0)
+
+    def after_step(self, ctx: Context) -> None:
+        """Grow lam while the binary gates cost more than T(t), shrink it back towards its start
+        otherwise (GDP's adaptive lambda): a fixed weight let the gates lag behind the path."""
+        if ctx.step < self.options.warmup * ctx.total_steps:
+            return
+        with torch.no_grad():
+            keep = {gid: (g.scores() >= 0).numpy() for gid, g in self.gates.items()}
+        above = float(ctx.cost.resource(ctx.targets.primary)(keep)) > self.allowed(ctx)
+        factor = (1 + self.options.lam_rate) ** (100 / ctx.total_steps)
+        self.lam = self.lam * factor if above else max(self.options.lam, self.lam / factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam = float(state["lam"])
 
     def decide(self, ctx: Context, data: Any = None) -> Decision:
         with torch.no_grad():
@@ -146,7 +172,7 @@ class WGates(GateMethod):
     def schedule(self, ctx: Context) -> dict[str, float]:
         with torch.no_grad():
             keep = {gid: (g.scores() >= 0).numpy() for gid, g in self.gates.items()}
-        return {"kept_fraction": float(np.mean([k.mean() for k in keep.values()])) if keep else 1.0,
+        return {"kept_fraction": float(np.mean([k.mean() for k in keep.values()])) if keep else 1.0, "lam": self.lam,
                 ctx.targets.primary: float(ctx.cost.resource(ctx.targets.primary)(keep)), "allowed": self.allowed(ctx)}
 
     def report(self, ctx: Context) -> dict[str, Any]:
