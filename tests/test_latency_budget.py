@@ -11,6 +11,7 @@ from torch import nn
 import fxprune
 from fxprune.backends import registry
 from fxprune.backends.hardware import SAME, cpu_isa, detect_multiple, pick
+from fxprune.cost import count_macs
 from fxprune.errors import BackendUnavailable, BudgetError, ConfigError
 from fxprune.flow.latency_model import LayerTable, build_latency_model, sample_counts
 from fxprune.lpnet import LatencyPredictor
@@ -265,9 +266,27 @@ def test_wgates_meets_the_budget_exactly_after_finalize():
     _train_steps(prepared, 20)
     pruned = fxprune.finalize(prepared)
     assert prepared.measured["macs"] <= prepared.targets.macs
-    from fxprune.cost import count_macs
-
     assert count_macs(pruned, X) == prepared.measured["macs"]
+
+
+def test_wgates_never_cuts_below_the_path_and_fills_the_budget():
+    """Gates that all want to close: training holds the best ones open at T(t), and decide
+    lands just under the budget (not at the one unit per group the closed gates ask for)."""
+    prepared = fxprune.prepare(small_net(), "wgates", fxprune.Budget(flops=0.4), X, total_steps=10)
+    method, ctx = prepared.method, prepared.ctx
+    with torch.no_grad():
+        for g in method.gates.values():
+            g.weight.sub_(100.0)  # every score negative: every gate would close
+    ctx.step = 4  # past warm-up, on the path: T(t) between dense and the budget
+    method.after_step(ctx)
+    keep = {gid: (g.values() > 0).detach().numpy() for gid, g in method.gates.items()}
+    allowed, macs = method.allowed(ctx), ctx.cost.macs(keep)
+    assert prepared.targets.macs < allowed < prepared.targets.dense_macs
+    assert allowed * 0.9 < macs <= allowed  # held open at the path, not emptied
+    decided = method.decide(ctx).keep
+    assert 0.9 * prepared.targets.macs < ctx.cost.macs(decided) <= prepared.targets.macs
+    pruned = fxprune.finalize(prepared)
+    assert count_macs(pruned, X) <= prepared.targets.macs
 
 
 # ---- CUDA (skipped with the reason where there is no GPU) -------------------------------------------
