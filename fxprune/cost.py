@@ -133,6 +133,52 @@ class CostModel:
             total = total + n
         return total
 
+    def quadratic(self, name: str, groups: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+        """``name`` ("macs" or "params") as an exact quadratic form of one keep fraction per group
+        of ``groups`` (the other groups whole): cost(x) = x^T A x + B x + c when every unit of
+        group ``groups[k]`` is kept with the fraction ``x[k]`` (DSA's budget model). Built from the
+        same layer and parameter terms as ``macs``/``params``, so the two always agree. Raises
+        ``ConfigError`` for another resource or a parameter with more than two tracked dims."""
+        index = {gid: k for k, gid in enumerate(groups)}
+
+        def affine(term: Term) -> tuple[float, np.ndarray]:
+            fixed, parts = term
+            const, lin = float(fixed), np.zeros(len(groups))
+            for gid, units in parts:
+                if gid in index:
+                    lin[index[gid]] += len(units)
+                else:
+                    const += len(units)
+            return const, lin
+
+        forms: list[tuple[float, list[tuple[float, np.ndarray]]]] = []
+        if name == "macs":
+            for l in self.layers:
+                inp = (float(l.in_per_group), np.zeros(len(groups))) if l.grouped else affine(l.inputs)
+                forms.append((float(l.macs_per_pair), [affine(l.outputs), inp]))
+        elif name == "params":
+            for p in self.param_costs:
+                fixed = float(np.prod([s for d, s in enumerate(p.shape) if d not in p.dims]))
+                forms.append((fixed, [affine(p.dims[d]) for d in sorted(p.dims)]))
+        else:
+            raise ConfigError(f"resource {name!r} has no quadratic form; only 'macs' and 'params' do")
+        a, b, c = np.zeros((len(groups), len(groups))), np.zeros(len(groups)), 0.0
+        for scale, factors in forms:
+            if len(factors) > 2:
+                raise ConfigError(f"resource {name!r}: a parameter with {len(factors)} tracked dims is not quadratic "
+                                  "in the keep fractions")
+            if not factors:
+                c += scale
+            elif len(factors) == 1:
+                c += scale * factors[0][0]
+                b += scale * factors[0][1]
+            else:
+                (c0, v0), (c1, v1) = factors
+                c += scale * c0 * c1
+                b += scale * (c0 * v1 + c1 * v0)
+                a += scale * (np.outer(v0, v1) + np.outer(v1, v0)) / 2
+        return a, b, c
+
     def floor(self, min_units: dict[int, int]) -> dict[str, int]:
         """Every resource with each prunable group cut to ``min_units`` units (its smallest)."""
         keep = {}

@@ -134,6 +134,27 @@ def bn_scale(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: An
     return scores
 
 
+def conv_bn(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
+    """Filter L1 norm times |gamma| / sqrt(running var + eps) of the norm after it: the filter's
+    magnitude as the norm scales it (DSA's "conv_bn" importance; a norm without running statistics
+    scales by |gamma| alone). Producers without such a norm contribute their L1 norm.
+    Raises nothing of its own."""
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    scores = np.zeros(group.size)
+    for site, layer in producers(gm, cg, group):
+        filters = _l1(_filters(gm, layer))
+        anchor = gate_anchor(gm, nodes[site.node], modules)
+        if anchor is not nodes[site.node]:
+            norm = gm.get_submodule(anchor.target)
+            scale = norm.weight.detach().abs().double()
+            if getattr(norm, "running_var", None) is not None:  # a norm without statistics: |gamma| alone
+                scale = scale / (norm.running_var.double() + norm.eps).sqrt()
+            filters = filters * scale.numpy()
+        np.add.at(scores, site.units, filters)
+    return scores
+
+
 def random(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None, seed: int = 0) -> np.ndarray:
     """Uniform random scores, seeded by ``seed`` and the group id (a baseline). Raises nothing."""
     return np.random.default_rng([seed, group.id]).random(group.size)
@@ -187,7 +208,7 @@ def taylor_all(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
 
 
 SCORES: dict[str, Callable[..., np.ndarray]] = {
-    "l1": l1, "l2": l2, "bn_scale": bn_scale, "fpgm": fpgm, "random": random, "taylor": taylor,
+    "l1": l1, "l2": l2, "bn_scale": bn_scale, "conv_bn": conv_bn, "fpgm": fpgm, "random": random, "taylor": taylor,
 }
 
 

@@ -37,6 +37,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -355,15 +356,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def widths(runs: list[Run]) -> str:
-    """Kept units per group (mean over seeds, as a fraction of the group): where each method pruned."""
+def _width_cells(runs: list[Run]) -> tuple[dict[tuple[str, float], dict[str, list[float]]], list[str]]:
+    """{(method, target): {group: [kept fraction per seed]}} and the group ids in order."""
     cells: dict[tuple[str, float], dict[str, list[float]]] = {}
     for r in runs:
         for gid, (kept, size) in r.get("widths", {}).items():
             cells.setdefault((r["method"], r["flops_target"]), {}).setdefault(gid, []).append(kept / size)
+    return cells, sorted({g for c in cells.values() for g in c}, key=int)
+
+
+def widths(runs: list[Run]) -> str:
+    """Kept units per group (mean over seeds, as a fraction of the group): where each method pruned."""
+    cells, gids = _width_cells(runs)
     if not cells:
         return ""
-    gids = sorted({g for c in cells.values() for g in c}, key=int)
     lines = ["", "## Kept width per prunable group (fraction of its units, mean over seeds)", "",
              "| method | FLOPs target | " + " | ".join(f"g{g}" for g in gids) + " |",
              "|---|---|" + "---|" * len(gids)]
@@ -382,6 +388,37 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
                     yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3, label=method)
     ax.set_xlabel("MACs after pruning (% of dense)")
     _finish(plt, fig, ax, meta, path)
+
+
+def plot_widths(runs: list[Run], meta: dict[str, Any], path: Path) -> None:
+    """One heat map per FLOPs target: methods x groups, the kept fraction of each group (mean over
+    seeds), so where each method put its budget reads at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, gids = _width_cells(runs)
+    targets = sorted({t for _, t in cells}, reverse=True)
+    methods = sorted({m for m, _ in cells})
+    fig, axes = plt.subplots(1, len(targets), figsize=(1.2 + 0.45 * len(gids) * len(targets), 0.9 + 0.32 * len(methods)),
+                             dpi=120, squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        grid = np.full((len(methods), len(gids)), np.nan)
+        for i, m in enumerate(methods):
+            for j, g in enumerate(gids):
+                if g in cells.get((m, target), {}):
+                    grid[i, j] = statistics.fmean(cells[(m, target)][g])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(gids)), [f"g{g}" for g in gids], fontsize=7)
+        ax.set_yticks(range(len(methods)), methods if ax is axes[0][0] else [""] * len(methods), fontsize=7)
+        ax.set_title(f"{target:.0%} FLOPs", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="kept fraction of the group")
+    fig.suptitle(f"{meta['model']} on {meta['dataset']}: kept width per group", fontsize=10)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _meta(cfg: BenchConfig) -> dict[str, Any]:
@@ -405,6 +442,8 @@ def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
     write_atomic(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
     if any(r["method"] != "dense" for r in rows):
         (plot_sparsity if cfg.sparsity else plot)(rows, meta, out.with_suffix(".png"))
+    if _width_cells(runs)[0]:
+        plot_widths(runs, meta, out.with_name(out.name + "_widths.png"))
     return out
 
 
