@@ -346,10 +346,12 @@ def test_cli_compile_to_a_latency_budget(tmp_path):
     from fxprune.flow.cli import main
 
     out = tmp_path / "run"
-    assert main(["compile", "--model", "resnet20", "--dataset", "digits", "--method", "l1", "--latency", "0.5",
+    # 0.6: at the backend's measured channel multiple (16 on some CPUs) the floor of the 8x8 ResNet-20
+    # is about 51% of its dense latency, so 0.5 is infeasible there
+    assert main(["compile", "--model", "resnet20", "--dataset", "digits", "--method", "l1", "--latency", "0.6",
                  "--epochs", "0", "--finetune-epochs", "0", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     lb = report["latency_budget"]
-    assert lb["met"] and lb["backend"] == "onnxruntime" and report["budget"]["latency"] == 0.5
+    assert lb["met"] and lb["backend"] == "onnxruntime" and report["budget"]["latency"] == 0.6
     assert "latency budget (onnxruntime)" in (out / "summary.txt").read_text()
     assert "<h2>Latency budget</h2>" in (out / "report.html").read_text()

@@ -95,18 +95,15 @@ class DSAOptions:
 
 
 class DSAGate(Gate):
-    """The group's mask of the current forward; ``logit`` holds a_k (a buffer: the weight
-    optimizer must not train it, the method's outer update does)."""
+    """The group's mask of the current forward, set by the method before each forward. The gate
+    holds no parameter: a_k lives in the method (``DSA.logits``), which the weight optimizer must
+    not train and a device move of the module must not replace."""
 
-    def __init__(self, size: int, group_id: int, init: float) -> None:
+    def __init__(self, size: int, group_id: int) -> None:
         super().__init__(size, group_id)
         del self.weight
         self.units = size
-        self.register_buffer("logit", torch.tensor([float(init)], dtype=torch.float64, requires_grad=True))
         self.current: torch.Tensor | None = None
-
-    def keep_ratio(self) -> torch.Tensor:
-        return torch.sigmoid(self.logit)
 
     def values(self) -> torch.Tensor:
         return self.current if self.current is not None else torch.ones(self.units)
@@ -166,6 +163,7 @@ class DSA(GateMethod):
                               f"got warmup={o.warmup}, beta2={o.beta2}, alpha_lr={o.alpha_lr}, rho={o.rho}, "
                               f"rho_rate={o.rho_rate}")
         self.order: list[int] = []
+        self.logits = torch.zeros(0, dtype=torch.float64)  # a_k per group, in ``order``
         self.lo = torch.zeros(0, dtype=torch.float64)
         self.form: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self.z = torch.zeros(0, dtype=torch.float64)
@@ -178,12 +176,13 @@ class DSA(GateMethod):
         self.recalibrated = 0
 
     def make_gate(self, group: ChannelGroup) -> Gate:
-        return DSAGate(group.size, group.id, self.options.init)
+        return DSAGate(group.size, group.id)
 
     # ---- setup -------------------------------------------------------------------------------
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
         self.order = sorted(self.gates)
+        self.logits = torch.full((len(self.order),), float(self.options.init), dtype=torch.float64, requires_grad=True)
         sizes = [self.gates[g].units for g in self.order]
         self.lo = torch.tensor([max(1.0 / c, 0.02) for c in sizes], dtype=torch.float64)
         name = ctx.targets.primary
@@ -194,14 +193,14 @@ class DSA(GateMethod):
         self.form = (torch.as_tensor(a / limit), torch.as_tensor(b / limit), c / limit)
         self.z = self.alphas().detach().clone()
         self.u = torch.zeros_like(self.z)
-        self.opt = torch.optim.Adam([self.gates[g].logit for g in self.order], lr=self.options.alpha_lr)
-        ctx.module.register_forward_pre_hook(lambda module, args: self.sample(ctx, module.training))
+        self.opt = torch.optim.Adam([self.logits], lr=self.options.alpha_lr)
+        ctx.module.register_forward_pre_hook(lambda module, args: self.sample(ctx, module.training, _device(args)))
 
     def parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
         return []  # a is moved by the outer update only
 
     def alphas(self) -> torch.Tensor:
-        return torch.cat([self.gates[g].keep_ratio() for g in self.order])
+        return torch.sigmoid(self.logits)
 
     def searching(self, ctx: Context) -> bool:
         return ctx.progress >= self.options.warmup
@@ -233,24 +232,24 @@ class DSA(GateMethod):
             keep[gid] = mask
         return keep
 
-    def sample(self, ctx: Context, training: bool) -> None:
-        """Before each forward: fresh importances, then every gate's mask (Bernoulli with the
-        straight-through gradient while searching in training mode; the top-ceil(alpha C) cut in
-        eval mode; all ones during the dense warmup)."""
+    def sample(self, ctx: Context, training: bool, device: torch.device | None = None) -> None:
+        """Before each forward: fresh importances, then every gate's mask on ``device`` (Bernoulli
+        with the straight-through gradient while searching in training mode; the top-ceil(alpha C)
+        cut in eval mode; all ones during the dense warmup)."""
         if self.holding:
             return
         self.refresh_importance(ctx)
         if training and not self.searching(ctx):
             for gate in self.gates.values():
-                gate.current = None
+                gate.current = torch.ones(gate.units, device=device)
             return
         if not training:
             for gid, mask in self.cut().items():
-                self.gates[gid].current = torch.as_tensor(mask, dtype=torch.float32)
+                self.gates[gid].current = torch.as_tensor(mask, dtype=torch.float32, device=device)
             return
         p = self.probabilities()
         drawn = torch.bernoulli(p.detach(), generator=self.generator)
-        masks = (drawn + p - p.detach()).float()
+        masks = (drawn + p - p.detach()).float().to(device)
         for k, gid in enumerate(self.order):
             self.gates[gid].current = masks[k, : self.gates[gid].units]
 
@@ -276,10 +275,8 @@ class DSA(GateMethod):
         return torch.maximum(v - hi * grad, self.lo)
 
     def after_step(self, ctx: Context) -> None:
-        logits = [self.gates[g].logit for g in self.order]
         if not self.searching(ctx):
-            for t in logits:
-                t.grad = None
+            self.logits.grad = None
             return
         alpha = self.alphas()
         penalty = self.rho / 2 * ((alpha - self.z + self.u) ** 2).sum()
@@ -287,8 +284,7 @@ class DSA(GateMethod):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for t, lo in zip(logits, self.lo.tolist()):
-                t.clamp_(math.log(lo / (1 - lo)), 10.0)
+            self.logits.copy_(torch.maximum(torch.log(self.lo / (1 - self.lo)), self.logits).clamp(max=10.0))
             alpha = self.alphas()
             if self.flops(alpha) <= 1:  # the constraint is inactive: nothing left for the dual to integrate
                 self.z, self.u = alpha.clone(), torch.zeros_like(self.u)
@@ -302,11 +298,13 @@ class DSA(GateMethod):
     def state_dict(self) -> dict[str, Any]:
         if self.opt is None:
             return {}
-        return {"opt": self.opt.state_dict(), "z": self.z.clone(), "u": self.u.clone(), "rho": self.rho,
-                "generator": self.generator.get_state()}
+        return {"logits": self.logits.detach().clone(), "opt": self.opt.state_dict(), "z": self.z.clone(),
+                "u": self.u.clone(), "rho": self.rho, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
+            with torch.no_grad():
+                self.logits.copy_(state["logits"])
             self.opt.load_state_dict(state["opt"])
             self.z, self.u, self.rho = state["z"].clone(), state["u"].clone(), float(state["rho"])
             self.generator.set_state(state["generator"])
@@ -367,3 +365,8 @@ class DSA(GateMethod):
             return {"alpha": {str(g): round(float(a), 4) for g, a in zip(self.order, alpha)},
                     "budget_fraction_of_alpha": float(self.flops(alpha)), "rho": self.rho,
                     "recalibration_batches": self.recalibrated}
+
+
+def _device(args: tuple[Any, ...]) -> torch.device | None:
+    """The device of a forward's first tensor argument (where the masks must live)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
