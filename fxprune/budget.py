@@ -217,12 +217,35 @@ def fewest_meeting(cost: CostModel, targets: Targets, keep_after: Callable[[int]
     return lo
 
 
+def feed_starved(cost: CostModel, keep: dict[int, np.ndarray], scores: dict[int, np.ndarray],
+                 round_to: int = 1) -> dict[int, np.ndarray]:
+    """``keep`` (changed in place and returned) where every conv/linear keeps >= 1 input and
+    output channel: for each layer ``keep`` would starve (``CostModel.starved``), the
+    best-scoring of its units comes back, plus the next best of that group up to a multiple of
+    ``round_to``. The allocator counts these units, where finalize would otherwise keep a zero
+    channel the budget did not count (shufflenet_v2's branches read half a shuffled group).
+    Raises nothing."""
+    for _ in range(len(cost.layers) + 1):
+        hungry = cost.starved(keep)
+        if not hungry:
+            break
+        parts = hungry[0]
+        _, gid, unit = max((float(scores[g][u]), g, int(u)) for g, units in parts if g in scores for u in units)
+        keep[gid][unit] = True
+        extra = int(keep[gid].sum()) % round_to
+        if extra and keep[gid].sum() < len(keep[gid]):
+            rest = [u for u in np.argsort(-np.asarray(scores[gid]), kind="stable") if not keep[gid][u]]
+            keep[gid][rest[: round_to - extra]] = True
+    return keep
+
+
 def allocate(cost: CostModel, targets: Targets, scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Keep masks that meet ``targets``, removing the lowest-scoring units first (global ranking).
 
     Scores are comparable across groups (the caller normalises them). Groups keep at least one
-    ``round_to``-wide unit and a multiple of ``round_to`` units. Binary search over how many of
-    the globally sorted units to remove: cost is monotone in that number.
+    ``round_to``-wide unit and a multiple of ``round_to`` units, and every conv/linear keeps an
+    input and an output channel (``feed_starved``). Binary search over how many of the globally
+    sorted units to remove: cost is monotone in that number.
     Raises ``BudgetError`` when even every group at its minimum width misses ``targets``.
     """
     order = sorted(((float(s), gid, u) for gid, arr in scores.items() for u, s in enumerate(arr)))
@@ -240,7 +263,7 @@ def allocate(cost: CostModel, targets: Targets, scores: dict[int, np.ndarray]) -
             mask = np.zeros(n, dtype=bool)
             mask[ranked[gid][:kept]] = True
             keep[gid] = mask
-        return keep
+        return feed_starved(cost, keep, scores, targets.round_to)
 
     k = fewest_meeting(cost, targets, keep_after, len(order))
     if k is None:

@@ -113,6 +113,20 @@ class CostModel:
         return [(l.in_per_group * layer.groups if l.grouped else int(_count(l.inputs, keep)), int(_count(l.outputs, keep)))
                 for layer, l in zip(self.cg.layers, self.layers)]
 
+    def starved(self, keep: dict) -> list[list[tuple[int, np.ndarray]]]:
+        """The channels, as ``[(group, unit indices), ...]``, of every conv/linear input or output
+        that ``keep`` (bool masks; missing groups whole) removes entirely: finalize would have to
+        keep one of them as a zero channel (torch has no 0-channel conv), at a cost the decision
+        did not count. A group keeps >= 1 unit, but a layer may read only part of a group (after a
+        split or a channel shuffle)."""
+        keep = self._complete(keep)
+        out = []
+        for l in self.layers:
+            for fixed, parts in ((l.outputs,) if l.grouped else (l.inputs, l.outputs)):
+                if parts and not fixed and not any(keep[gid][units].any() for gid, units in parts):
+                    out.append(parts)
+        return out
+
     def weight_macs(self) -> dict[str, int]:
         """Dense MACs per example of the layers that use each conv/linear weight (by its qualified
         name; a shared weight sums its layers): a weight's share of them is its density."""
