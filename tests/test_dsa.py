@@ -257,3 +257,24 @@ def test_decide_re_estimates_the_norm_statistics_under_the_decided_masks_only_wi
         assert torch.equal(gate.current.bool(), torch.as_tensor(prepared.decision.keep[gid]))
     assert {g: k.sum() for g, k in decision.keep.items()} == {g: k.sum() for g, k in prepared.decision.keep.items()}
     assert pruned is not None
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2_x1_0", "densenet121"])
+def test_search_and_finalize_on_torchvision_models(name):
+    """Depthwise convs, channel shuffle and dense concatenation: masks per group, an exact budget."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    prepared = fxprune.prepare(model, "dsa", fxprune.Budget(flops=0.4), (x,), total_steps=4, progress=False)
+    opt = torch.optim.SGD(prepared.model_parameters(), lr=0.01)
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(prepared.module(x), y).backward()
+        opt.step()
+        prepared.step(opt)
+    assert prepared.method.logits.grad is None  # read and cleared by every outer update
+    pruned = fxprune.finalize(prepared, data=[(x, y)] * 2)
+    assert prepared.measured["macs"] <= prepared.targets.macs and prepared.method.recalibrated == 2
+    assert pruned(x).shape == (4, 10)
