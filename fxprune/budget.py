@@ -225,11 +225,9 @@ def feed_starved(cost: CostModel, keep: dict[int, np.ndarray], scores: dict[int,
     ``round_to``. The allocator counts these units, where finalize would otherwise keep a zero
     channel the budget did not count (shufflenet_v2's branches read half a shuffled group).
     Raises nothing."""
-    for _ in range(len(cost.layers) + 1):
-        hungry = cost.starved(keep)
-        if not hungry:
-            break
-        parts = hungry[0]
+    for parts in cost.starved(keep):  # feeding a layer only adds units: no other layer starves
+        if any(keep[g][units].any() for g, units in parts):
+            continue  # fed already, through a unit another starved layer brought back
         _, gid, unit = max((float(scores[g][u]), g, int(u)) for g, units in parts if g in scores for u in units)
         keep[gid][unit] = True
         extra = int(keep[gid].sum()) % round_to

@@ -110,22 +110,29 @@ def fpgm(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = 
     return per_filter_score(gm, cg, group, _fpgm)
 
 
+def normed_producers(gm: fx.GraphModule, cg: ChannelGraph,
+                     group: ChannelGroup) -> Iterable[tuple[Any, Layer, torch.nn.Module | None]]:
+    """``(site, layer, norm)`` for every producer of ``group``: ``norm`` is the per-channel affine
+    norm that is the producer's only user (where a gate sits), or None. Raises nothing of its own."""
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site, layer in producers(gm, cg, group):
+        anchor = gate_anchor(gm, nodes[site.node], modules)
+        yield site, layer, None if anchor is nodes[site.node] else gm.get_submodule(anchor.target)
+
+
 def bn_scale(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any = None) -> np.ndarray:
     """|gamma| of the norm right after each producer (network slimming, Liu et al., ICCV 2017).
 
     Producers without such a norm contribute their filter L1 norm scaled to the mean |gamma| of
     the others; a group without any norm falls back to L1 (this library's choice).
     Raises nothing of its own."""
-    modules = dict(gm.named_modules())
-    nodes = {n.name: n for n in gm.graph.nodes}
     scores, missing = np.zeros(group.size), []
-    for site, layer in producers(gm, cg, group):
-        anchor = gate_anchor(gm, nodes[site.node], modules)
-        if anchor is nodes[site.node]:
+    for site, layer, norm in normed_producers(gm, cg, group):
+        if norm is None:
             missing.append((site, layer))
             continue
-        gamma = gm.get_submodule(anchor.target).weight.detach().abs().double().numpy()
-        np.add.at(scores, site.units, gamma)
+        np.add.at(scores, site.units, norm.weight.detach().abs().double().numpy())
     if missing:
         scale = scores[scores > 0].mean() if (scores > 0).any() else 1.0
         for site, layer in missing:
@@ -139,14 +146,10 @@ def conv_bn(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, data: Any
     magnitude as the norm scales it (DSA's "conv_bn" importance; a norm without running statistics
     scales by |gamma| alone). Producers without such a norm contribute their L1 norm.
     Raises nothing of its own."""
-    modules = dict(gm.named_modules())
-    nodes = {n.name: n for n in gm.graph.nodes}
     scores = np.zeros(group.size)
-    for site, layer in producers(gm, cg, group):
+    for site, layer, norm in normed_producers(gm, cg, group):
         filters = _l1(_filters(gm, layer))
-        anchor = gate_anchor(gm, nodes[site.node], modules)
-        if anchor is not nodes[site.node]:
-            norm = gm.get_submodule(anchor.target)
+        if norm is not None:
             scale = norm.weight.detach().abs().double()
             if getattr(norm, "running_var", None) is not None:  # a norm without statistics: |gamma| alone
                 scale = scale / (norm.running_var.double() + norm.eps).sqrt()

@@ -235,6 +235,30 @@ def test_conv_bn_importance_is_filter_norm_times_gamma_over_sigma():
     want = net[0].weight.abs().sum((1, 2, 3)) * bn.weight.abs() / (bn.running_var + bn.eps).sqrt()
     assert np.allclose(got, want.detach().double().numpy())
 
+    # torchvision resnet18 (trained-looking statistics): where a group has one producer, conv_bn / l1
+    # is that producer's |gamma| / sigma; a residual stream sums its producers
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-2, 2)
+                m.running_var.uniform_(0.5, 3)
+    gm = fxprune.trace(model, (torch.randn(1, 3, 64, 64),))
+    cg = fxprune.analyze(gm)
+    single = 0
+    for group in cg.prunable_groups:
+        found = list(fxprune.scores.normed_producers(gm, cg, group))
+        got = fxprune.scores.score("conv_bn", gm, cg, group)
+        assert got.shape == (group.size,) and np.all(got > 0)
+        if len(found) == 1 and found[0][2] is not None:
+            norm = found[0][2]
+            ratio = got / fxprune.scores.score("l1", gm, cg, group)
+            assert np.allclose(ratio, (norm.weight.abs() / (norm.running_var + norm.eps).sqrt()).detach().double().numpy())
+            single += 1
+    assert single >= 8
+
 
 def test_decide_re_estimates_the_norm_statistics_under_the_decided_masks_only_with_data(data):
     prepared = _prepared(data, steps=5)

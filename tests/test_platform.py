@@ -341,4 +341,5 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     saved = json.loads((tmp_path / "m.json").read_text())
     assert len(saved["runs"]) == 3 and {r["method"] for r in saved["rows"]} == {"dense", "l1", "gdp:warmup=0.5"}
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| l1 | 50% |" in (tmp_path / "m.md").read_text()
+    assert (tmp_path / "m_widths.png").read_bytes()[:4] == b"\x89PNG"  # kept width per group, per method
     assert bench(cfg, resume=True, progress=False) and json.loads((tmp_path / "m.json").read_text())["runs"] == saved["runs"]

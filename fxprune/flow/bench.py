@@ -392,13 +392,15 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
 
 def plot_widths(runs: list[Run], meta: dict[str, Any], path: Path) -> None:
     """One heat map per FLOPs target: methods x groups, the kept fraction of each group (mean over
-    seeds), so where each method put its budget reads at a glance."""
+    seeds), so where each method put its budget reads at a glance; nothing without widths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells, gids = _width_cells(runs)
+    if not cells:  # dense runs only, or the weight benchmark
+        return
     targets = sorted({t for _, t in cells}, reverse=True)
     methods = sorted({m for m, _ in cells})
     fig, axes = plt.subplots(1, len(targets), figsize=(1.2 + 0.45 * len(gids) * len(targets), 0.9 + 0.32 * len(methods)),
@@ -442,8 +444,7 @@ def write(runs: list[Run], cfg: BenchConfig, meta: dict[str, Any]) -> Path:
     write_atomic(out.with_suffix(".md"), markdown(rows, meta) + widths(runs))
     if any(r["method"] != "dense" for r in rows):
         (plot_sparsity if cfg.sparsity else plot)(rows, meta, out.with_suffix(".png"))
-    if _width_cells(runs)[0]:
-        plot_widths(runs, meta, out.with_name(out.name + "_widths.png"))
+    plot_widths(runs, meta, out.with_name(out.name + "_widths.png"))
     return out
 
 

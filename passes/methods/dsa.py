@@ -185,9 +185,7 @@ class DSA(GateMethod):
         self.logits = torch.full((len(self.order),), float(self.options.init), dtype=torch.float64, requires_grad=True)
         sizes = [self.gates[g].units for g in self.order]
         self.lo = torch.tensor([max(1.0 / c, 0.02) for c in sizes], dtype=torch.float64)
-        name = ctx.targets.primary
-        if name not in self.resources:
-            raise ConfigError(f"method 'dsa' holds a flops or params budget (its quadratic cost model), not {name!r}")
+        name = ctx.targets.primary  # flops or params: the flow refuses budgets outside ``resources``
         a, b, c = ctx.cost.quadratic(name, self.order)
         limit = float(ctx.targets.limits[name])
         self.form = (torch.as_tensor(a / limit), torch.as_tensor(b / limit), c / limit)
@@ -221,16 +219,20 @@ class DSA(GateMethod):
             valid[k, : len(b)] = True
         return keep_probabilities(log_b, valid, self.alphas(), self.options.beta2)
 
+    def ranks(self) -> dict[int, np.ndarray]:
+        """Each unit's place in its group by importance (0: the most important)."""
+        out = {}
+        for gid, b in self.importance.items():
+            rank = np.empty(len(b))
+            rank[np.argsort(-b, kind="stable")] = np.arange(len(b))
+            out[gid] = rank
+        return out
+
     def cut(self) -> dict[int, np.ndarray]:
         """The search's choice: each group's top ceil(alpha_k C_k) units by importance."""
-        alphas = self.alphas().detach().numpy()
-        keep = {}
-        for k, gid in enumerate(self.order):
-            b = self.importance[gid]
-            mask = np.zeros(len(b), dtype=bool)
-            mask[np.argsort(-b, kind="stable")[: max(1, math.ceil(alphas[k] * len(b) - 1e-9))]] = True
-            keep[gid] = mask
-        return keep
+        alphas, ranks = self.alphas().detach().numpy(), self.ranks()
+        return {gid: ranks[gid] < max(1, math.ceil(alphas[k] * len(ranks[gid]) - 1e-9))
+                for k, gid in enumerate(self.order)}
 
     def sample(self, ctx: Context, training: bool, device: torch.device | None = None) -> None:
         """Before each forward: fresh importances, then every gate's mask on ``device`` (Bernoulli
@@ -238,11 +240,11 @@ class DSA(GateMethod):
         cut in eval mode; all ones during the dense warmup)."""
         if self.holding:
             return
-        self.refresh_importance(ctx)
         if training and not self.searching(ctx):
             for gate in self.gates.values():
                 gate.current = torch.ones(gate.units, device=device)
             return
+        self.refresh_importance(ctx)
         if not training:
             for gid, mask in self.cut().items():
                 self.gates[gid].current = torch.as_tensor(mask, dtype=torch.float32, device=device)
@@ -313,13 +315,9 @@ class DSA(GateMethod):
         """The cut rounded to the exact budget by the allocator; with ``data``, the norms' running
         statistics are then re-estimated under the decided masks (``recalibrate``)."""
         self.refresh_importance(ctx)
-        alphas = self.alphas().detach().numpy()
-        ranking = {}
-        for k, gid in enumerate(self.order):
-            b = self.importance[gid]
-            rank = np.empty(len(b))
-            rank[np.argsort(-b, kind="stable")] = np.arange(len(b))
-            ranking[gid] = alphas[k] - (rank + 0.5) / len(b)  # > 0 inside the group's cut
+        alphas, ranks = self.alphas().detach().numpy(), self.ranks()
+        ranking = {gid: alphas[k] - (ranks[gid] + 0.5) / len(ranks[gid])  # > 0 inside the group's cut
+                   for k, gid in enumerate(self.order)}
         decision = Decision(allocate(ctx.cost, ctx.targets, ranking))
         self.recalibrated = self.recalibrate(ctx, decision.keep, data) if data is not None else 0
         return decision
@@ -333,9 +331,10 @@ class DSA(GateMethod):
         norms = [m for m in ctx.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  and m.track_running_stats]
         momenta = [m.momentum for m in norms]
+        device = next((t.device for t in ctx.module.parameters()), None)
         for gid, mask in keep.items():
             if gid in self.gates:
-                self.gates[gid].current = torch.as_tensor(mask, dtype=torch.float32)
+                self.gates[gid].current = torch.as_tensor(mask, dtype=torch.float32, device=device)
         was_training, self.holding, n = ctx.module.training, True, 0
         try:
             for m in norms:
