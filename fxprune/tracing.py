@@ -66,8 +66,10 @@ import torch.nn.functional as F
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.node import map_aggregate
 
+from fxprune.gcpause import gc_paused
 from fxprune import checks
 from fxprune.errors import FxpruneWarning, TraceError
+from fxprune.lazycode import lazy_graph_module
 from fxprune.modcopy import copy_module
 from fxprune.rules.base import function_target, is_registered_module
 
@@ -499,9 +501,10 @@ def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> tuple[f
     tracer = ConcreteTracer(example_inputs)
     graph = tracer.trace(model)
     graph._tracer_cls = None  # unpickling re-traces the generated code: with a plain fx.Tracer
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
+    return lazy_graph_module(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
 
 
+@gc_paused
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Trace a deep copy of ``model`` with concrete shapes from ``example_inputs``.
 

@@ -2,7 +2,9 @@
 
 Steps, each a small function below, all driven by the op rules (``fxprune.rules``):
 1. read the decision from the gates (exact zeros are removed units);
-2. run the gated module once, recording its outputs and the few values later steps need;
+2. run the gated module once, recording its outputs and the few values later steps need (the
+   constants removed channels carry into consumers are mostly read off the graph instead,
+   ``passes.constants``);
 3. fold every gate value into the parameters of the node it gates (``rule.gate_params``);
 4. replace fully removed residual/SE branches by their constant; keep one zero channel where a
    live conv would be left with none;
@@ -38,11 +40,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_arg
 
+from fxprune.gcpause import gc_paused
 from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, Layer, ParamSlice, SizeOf
 from fxprune.rules import Rewrite, rule_for
 from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, remove_dead_branches
+from fxprune.passes.constants import channel_constants
 from fxprune.decision import Decision
 from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, structural_copy, unshare
@@ -106,21 +110,32 @@ def _input_dim(layer: Layer, ndim: int) -> int:
 
 
 def _taps(gated: fx.GraphModule, gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
-          plans: list[tuple[fx.Node, fx.Node]]) -> dict[str, Tap]:
+          plans: list[tuple[fx.Node, fx.Node]]) -> tuple[dict[str, Tap], dict[str, torch.Tensor]]:
     """What to record in the one run of the gated module: the ends of dead branches (whole) and
-    the removed input channels of every consumer that loses some."""
+    the removed input channels of every consumer that loses some, unless ``channel_constants``
+    knows them; for those, the summary a recording would have given (value, no spread)."""
     rename = _gated_name(gated)
     gated_nodes = {n.name: n for n in gated.graph.nodes}
     folded_nodes = {n.name: n for n in gm.graph.nodes}
-    taps: dict[str, Tap] = {rename.get(end.name, end.name): None for end, _ in plans}
+    ends = {rename.get(end.name, end.name) for end, _ in plans}
+    taps: dict[str, Tap] = dict.fromkeys(ends)
+    known: dict[str, torch.Tensor] = {}
     alive = cg.survivors(keep)
-    for layer in _absorb_layers(gm, cg, alive):
+    layers = _absorb_layers(gm, cg, alive)
+    constants = channel_constants(gated, cg) if layers else {}
+    for layer in layers:
         # The input's rank from the folded graph: in the gated one it may be a gate node, which
         # records no value of its own.
         ndim = len(folded_nodes[layer.node].args[0].meta["fxprune_value"].shape)
-        removed = np.nonzero(~alive(layer.in_ids))[0].tolist()
-        taps[gated_nodes[layer.node].args[0].name] = (_input_dim(layer, ndim), removed)
-    return taps
+        removed = np.nonzero(~alive(layer.in_ids))[0]
+        name, dim = gated_nodes[layer.node].args[0].name, _input_dim(layer, ndim)
+        taps[name] = (dim, removed.tolist())
+        c = constants.get(name)
+        if dim == 1 and c is not None and name not in ends and c.numel() == len(layer.in_ids):
+            value = c[torch.as_tensor(removed, dtype=torch.long)]
+            if not bool(value.isnan().any()):
+                known[name] = torch.stack([value, torch.zeros_like(value)])
+    return taps, known
 
 
 def _keep_one_in_dead_groups(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray],
@@ -154,17 +169,23 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
     names of biases this created."""
     gated_nodes = {n.name: n for n in gated.graph.nodes}
     alive = cg.survivors(keep)
-    layers = _absorb_layers(gm, cg, alive)
+    # only consumers whose removed inputs are not all exactly zero have anything to do
+    layers = [layer for layer in _absorb_layers(gm, cg, alive)
+              if bool(recorded[gated_nodes[layer.node].args[0].name].any())]
 
-    def removed_columns(layer: Layer, alive: Alive) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    columns: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}  # by layer, for the current ``alive``
+
+    def removed_columns(layer: Layer) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Removed input positions of ``layer``, each one's value if it is a constant, and
         whether it is one (from the recorded summaries: first element, largest deviation)."""
-        name = gated_nodes[layer.node].args[0].name
-        removed = np.nonzero(~alive(layer.in_ids))[0]
-        summary = recorded[name]
-        rows = torch.as_tensor(np.searchsorted(np.asarray(taps[name][1]), removed), dtype=torch.long)
-        const, spread = summary[0, rows], summary[1, rows]
-        return removed, const, spread <= 1e-6 * (1 + const.abs())
+        if id(layer) not in columns:
+            name = gated_nodes[layer.node].args[0].name
+            removed = np.nonzero(~alive(layer.in_ids))[0]
+            summary = recorded[name]
+            rows = torch.as_tensor(np.searchsorted(np.asarray(taps[name][1]), removed), dtype=torch.long)
+            const, spread = summary[0, rows], summary[1, rows]
+            columns[id(layer)] = removed, const, spread <= 1e-6 * (1 + const.abs())
+        return columns[id(layer)]
 
     def exact(layer: Layer) -> bool:
         return layer.zero_padding and layer.groups == 1 and layer.kind != "conv_transpose" and layer.module_path is not None
@@ -173,22 +194,24 @@ def _absorb_constants(gm: fx.GraphModule, gated: fx.GraphModule, cg: ChannelGrap
     while changed:  # a pass sees the keep masks as they were when it started
         changed = False
         for layer in layers:
-            removed, const, constant = removed_columns(layer, alive)
+            removed, const, constant = removed_columns(layer)
             if not removed.size:
                 continue
-            bad = removed[((const != 0) & ~(constant & torch.tensor(exact(layer)))).numpy()]
+            bad = removed[(~constant if exact(layer) else ~constant | (const != 0)).cpu().numpy()]
             g, u = cg.units.lookup(layer.in_ids[bad])
             for gid, uid in zip(g.tolist(), u.tolist()):
                 keep[gid][uid] = changed = True
-                report.retained[gid] = f"removed channels feed a non-zero constant into '{layer.node}', which cannot absorb it exactly"
+                report.retained[gid] = (f"removed channels feed '{layer.node}' a value it cannot absorb exactly (a "
+                                        "non-zero constant through zero padding, or not a constant)")
         if changed:
             alive = cg.survivors(keep)
+            columns.clear()
     created: set[str] = set()
     for layer in layers:
-        removed, const, _ = removed_columns(layer, alive)
-        nonzero = (const != 0).numpy()
+        removed, const, _ = removed_columns(layer)
+        nonzero = (const != 0).cpu().numpy()
         if nonzero.any():
-            created |= _add_to_bias(gm, layer, removed[nonzero], const[torch.as_tensor(nonzero)])
+            created |= _add_to_bias(gm, layer, removed[nonzero], const[torch.as_tensor(nonzero, device=const.device)])
     return created
 
 
@@ -282,6 +305,7 @@ def _rewrite_literals(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.n
             rule.rewrite(rw, node)
 
 
+@gc_paused
 def finalize(
     module: fx.GraphModule,
     channel_graph: ChannelGraph,
@@ -317,8 +341,9 @@ def finalize(
     gm = structural_copy(gated)
     _fold_gates(gm, held.scale)
     plans = dead_branch_plans(gm, cg, keep)
-    taps = _taps(gated, gm, cg, keep, plans)
-    ref_out, recorded = record(gated, inputs, taps)
+    taps, known = _taps(gated, gm, cg, keep, plans)
+    ref_out, recorded = record(gated, inputs, {name: tap for name, tap in taps.items() if name not in known})
+    recorded.update(known)
     rename = _gated_name(gated)
     ends = {end.name: recorded[rename.get(end.name, end.name)] for end, _ in plans}
     constant_slices = remove_dead_branches(gm, cg, plans, ends, report)

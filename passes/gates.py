@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.gcpause import gc_paused
 from fxprune.decision import Decision
 from fxprune.errors import ConfigError
 from fxprune.ir import ChannelGraph, ChannelGroup
@@ -53,6 +54,7 @@ def gate_sites(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(GATE_ROOT + ".")]
 
 
+@gc_paused
 def insert_gates(
     gm: fx.GraphModule,
     channel_graph: ChannelGraph,

@@ -6,9 +6,9 @@ Sharing the rest keeps the traced, gated and finalized modules together within a
 parameter bytes (DESIGN: the user's model is never mutated; ours are never mutated in place).
 
 Copies are also cheap in time: modules are cloned shallowly (new attribute dicts, same tensors)
-rather than deep-copied (``fxprune.modcopy.clone_tree``), and a working copy generates no code
-until it is materialized: generating Python for a graph of thousands of nodes costs about as
-much as running the model.
+rather than deep-copied (``fxprune.modcopy.clone_tree``), and no copy generates its code before
+it is first run (``fxprune.lazycode``): generating Python for a graph of thousands of nodes costs
+about as much as running the model, and a pass edits its working copy's graph first.
 """
 from __future__ import annotations
 
@@ -19,27 +19,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.modcopy import clone_tree
-
-try:  # lazy code generation; a private torch module, so fall back to plain GraphModules
-    from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
-except ImportError:  # pragma: no cover
-    _LazyGraphModule = None
-
-
-def _lazy_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
-    """``fx.GraphModule(root, graph, class_name)`` that writes its code at its first call, not
-    now: a pass edits its working copy's graph before the code matters. Hand it out only after
-    ``materialize`` (a lazy module re-enters ``__call__`` on its first run)."""
-    if _LazyGraphModule is None:  # pragma: no cover
-        return fx.GraphModule(root, graph, class_name)
-    return _make_graph_module(root, graph, class_name, graph_module_cls=_LazyGraphModule)
+from fxprune.lazycode import lazy_graph_module
+from fxprune.modcopy import clone_tree, lazy_clone
 
 
 def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A working copy of ``gm``: its own graph and modules, ``gm``'s parameters and buffers.
 
-    The copy generates its code lazily (call ``materialize`` before handing it out)."""
+    The copy writes its code when first run; call ``materialize`` before handing it out."""
     root = nn.Module()
     memo: dict[int, Any] = {}
     for name, child in gm.named_children():
@@ -49,19 +36,17 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:  # plain tensor attributes (fx's constants) referenced by get_attr
         if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
             setattr(root, node.target, getattr(gm, node.target))
-    out = _lazy_graph_module(root, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    out = lazy_graph_module(root, copy.deepcopy(gm.graph), gm.__class__.__name__)
     out.meta = dict(gm.meta)
     out.training = gm.training
     return out
 
 
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` ready to hand out: submodules its graph no longer references are dropped and its
-    code is written now. A lazy module writes its code inside its first call and then calls
-    itself again, so a forward hook on it would fire twice."""
+    """``gm`` ready to hand out: submodules its graph no longer references are dropped, and its
+    code is (re)written from the edited graph when it is first run."""
     gm.delete_all_unused_submodules()
-    realize = getattr(gm, "real_recompile", None)
-    (realize or gm.recompile)()
+    gm.recompile()
     return gm
 
 
@@ -86,7 +71,7 @@ def replace_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> Non
 
 def unshare(new: torch.nn.Module, old: torch.nn.Module) -> None:
     """Clone every parameter/buffer of ``new`` that is still an object of ``old``, so that
-    training one never changes the other."""
+    training one never changes the other (copy-on-write: memory is shared until one is written)."""
     shared = {id(t) for t in list(old.parameters()) + list(old.buffers())}
     clones: dict[int, torch.Tensor] = {}
     for mod in new.modules():
@@ -94,6 +79,6 @@ def unshare(new: torch.nn.Module, old: torch.nn.Module) -> None:
             for name, t in list(table.items()):
                 if t is not None and id(t) in shared:
                     if id(t) not in clones:
-                        clone = t.detach().clone()
+                        clone = lazy_clone(t)
                         clones[id(t)] = nn.Parameter(clone, t.requires_grad) if isinstance(t, nn.Parameter) else clone
                     table[name] = clones[id(t)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -339,6 +340,41 @@ def test_trace_copies_the_model_as_deepcopy_would():
     object.__setattr__(model.a, "peer", model.b)  # a module kept as a plain attribute (not a child)
     again = copy_module(model)
     assert again.a.peer is again.b and again.b is not model.b
+
+
+def test_traced_copy_shares_memory_until_either_side_writes():
+    """The copy ``trace`` makes is copy-on-write (``modcopy.lazy_clone``): no tensor is copied
+    up front, yet training the gated module (optimizer steps, BatchNorm statistics) never reaches
+    the user's model, and the user's later writes never reach the traced one."""
+    from fxprune.modcopy import lazy_clone
+    from fxprune.passes import insert_gates
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    if hasattr(torch._C, "_is_cow_tensor"):
+        assert all(torch._C._is_cow_tensor(p) for p in gm.parameters())
+    gated, _ = insert_gates(gm, fxprune.analyze(gm))
+    gated.train()
+    opt = torch.optim.SGD(gated.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        gated(x).square().mean().backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    traced = {k: v.clone() for k, v in gm.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+        model[1].running_mean.add_(1.0)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, traced[k]), k
+    shared = torch.from_numpy(np.ones(3, dtype=np.float32))  # memory torch cannot share lazily: a real copy
+    copy = lazy_clone(shared)
+    copy.add_(1.0)
+    assert torch.equal(shared, torch.ones(3)) and torch.equal(copy, torch.full((3,), 2.0))
 
 
 def test_handed_out_modules_run_their_hooks_once_per_call():

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 import fxprune
 from fxprune.passes import FinalizeReport, finalize, insert_gates
 
+from helpers import assert_constants_hold
+
 RTOL = 1e-4
 WIDTHS = [4, 6, 8, 12, 16]
 
@@ -340,6 +342,7 @@ def test_random_gating_finalizes_equivalently(net, seed, dead_group):
     values = draw_gates(cg, gates, np.random.default_rng(seed), dead_group)
     rep = FinalizeReport()
     fin = finalize(gated, cg, report=rep)
+    assert_constants_hold(gated, cg, x)  # what finalize read off the graph instead of recording
     for spec in specs:
         event(f"block {spec[0]}")
     event(f"head {head[0]}")

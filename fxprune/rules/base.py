@@ -82,7 +82,11 @@ class OpRule:
     - ``resize(module)``: make a module's size attributes agree with its sliced parameters.
     - ``rewrite(rw, node)``: edit literal arguments that spell out channel counts.
     - ``per_channel``: maps a per-channel constant to a per-channel constant (BN, activations),
-      so a removed branch's constant can be followed through it.
+      so a removed branch's constant can be followed through it, and computed by running the op
+      on one value per channel.
+    - ``keeps_zero(node, modules)``: an all-zero channel stays all zero through this call, though
+      its values may move (pooling, resizing, zero padding, reductions over other dims): a
+      removed channel is then known to be zero downstream without running the model.
     """
 
     name: str
@@ -92,6 +96,12 @@ class OpRule:
     resize: Callable[[nn.Module], None] | None = None
     rewrite: Callable[[Rewrite, fx.Node], None] | None = None
     per_channel: bool = False
+    keeps_zero: Callable[[fx.Node, dict[str, nn.Module]], bool] | None = None
+
+
+def always(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``keeps_zero`` of ops that keep a zero channel zero whatever their arguments."""
+    return True
 
 
 class _Registry:

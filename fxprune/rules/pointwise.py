@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import ChannelMap
-from fxprune.rules.base import Category, OpRule, arg, op_name, register_all
+from fxprune.rules.base import Category, OpRule, always, arg, op_name, register_all
 
 if TYPE_CHECKING:
     from fxprune.analysis import Walk
@@ -49,16 +49,19 @@ UNARY_MODULES = (
 SPATIAL_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, F.pad,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
     torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
 )
 SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.UpsamplingBilinear2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
 )
+# Padding with a fill value: a zero channel stays zero only where the fill is zero.
+PAD_FUNCTIONS = (F.pad,)
+PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 SOFTMAX = ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax), ("softmax", "log_softmax"),
            (nn.Softmax, nn.LogSoftmax))
 REDUCTIONS = ((torch.mean, torch.sum, torch.amax, torch.amin), ("mean", "sum", "amax", "amin"))
@@ -83,6 +86,11 @@ def _spatial(walk: "Walk", node: fx.Node) -> Any:
     if not hasattr(out, "shape") or len(out.shape) != len(shape) or out.shape[1] != shape[1]:
         return walk.opaque(node, f"{op_name(node)} with an unexpected output")
     return walk.channel_map(node, x)
+
+
+def _pads_zero(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    fill = getattr(modules[node.target], "value", 0) if node.op == "call_module" else arg(node, 3, "value", None)
+    return fill is None or fill == 0
 
 
 def _softmax(walk: "Walk", node: fx.Node) -> Any:
@@ -116,11 +124,13 @@ def elementwise(name: str = "element-wise op") -> OpRule:
 
 
 UNARY = elementwise("element-wise")
-SPATIAL = OpRule("spatial", Category.SPATIAL, _spatial)
+SPATIAL = OpRule("spatial", Category.SPATIAL, _spatial, keeps_zero=always)
+PAD = OpRule("pad", Category.SPATIAL, _spatial, keeps_zero=_pads_zero)
 SOFTMAX_RULE = OpRule("softmax", Category.REDUCE, _softmax)
-REDUCTION = OpRule("reduction", Category.REDUCE, _reduction)
+REDUCTION = OpRule("reduction", Category.REDUCE, _reduction, keeps_zero=always)
 
 register_all(UNARY_FUNCTIONS + tuple(sorted(UNARY_METHODS)) + UNARY_MODULES, UNARY)
 register_all(SPATIAL_FUNCTIONS + SPATIAL_MODULES, SPATIAL)
+register_all(PAD_FUNCTIONS + PAD_MODULES, PAD)
 register_all(SOFTMAX[0] + SOFTMAX[1] + SOFTMAX[2], SOFTMAX_RULE)
 register_all(REDUCTIONS[0] + REDUCTIONS[1], REDUCTION)
