@@ -5,7 +5,8 @@ themselves (every hook table, every flag, through ``__reduce_ex__``), not on the
 mobilenet_v2 it cost about four eager forwards of the model. A module tree has a known shape, so
 it is copied here table by table: new module objects, new parameter/buffer/child tables, the
 tensors either shared (``passes.sharing``: copies that are never written in place) or cloned
-(``trace``: the user's model must never see what is done to the copy). Other attribute values
+copy-on-write (``trace``: the user's model must never see what is done to the copy, and the
+copy must never see what is later done to the model; ``lazy_clone``). Other attribute values
 are shared when immutable, re-created when an empty container (hook tables), and deep-copied
 otherwise (a cache dict a forward may fill), all through one memo, so objects referenced twice
 (tied weights, a module used at two places) stay one object in the copy.

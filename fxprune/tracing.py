@@ -506,7 +506,8 @@ def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> tuple[f
 
 @gc_paused
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Trace a deep copy of ``model`` with concrete shapes from ``example_inputs``.
+    """Trace an independent copy of ``model`` (copy-on-write tensors, ``modcopy.copy_module``)
+    with concrete shapes from ``example_inputs``.
 
     Returns a GraphModule whose nodes carry ``meta["fxprune_value"]``; ``gm.meta`` holds the
     example inputs (detached clones, for the equivalence check) and

@@ -2,8 +2,10 @@
 
 Passes copy the module they transform so that their input stays as it was, but most tensors are
 never written: gates only add modules, finalize replaces the tensors it changes with new ones.
-Sharing the rest keeps the traced, gated and finalized modules together within about twice the
-parameter bytes (DESIGN: the user's model is never mutated; ours are never mutated in place).
+Sharing the rest (and the copy-on-write copy ``trace`` makes of the user's model) keeps the
+user's, traced, gated and finalized modules together within about one parameter-size above the
+user's model (0.4-1.0 P on the torchvision zoo; DESIGN: the user's model is never mutated; ours
+are never mutated in place).
 
 Copies are also cheap in time: modules are cloned shallowly (new attribute dicts, same tensors)
 rather than deep-copied (``fxprune.modcopy.clone_tree``), and no copy generates its code before
