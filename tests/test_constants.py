@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
-from fxprune.passes import finalize, insert_gates
+from fxprune.passes import FinalizeReport, finalize, insert_gates
 from fxprune.passes.constants import channel_constants
 
 from helpers import assert_constants_hold
@@ -105,6 +105,11 @@ def test_padding_with_a_fill_and_softmax_are_not_known():
     assert zero_pad.name in known and one_pad.name not in known and shifted_pad.name not in known
     assert shifted_pad.args[0].name in known  # the BN shift itself is known
     assert not any(n.name in known for n in gated.graph.nodes if n.target is torch.softmax)
+    # The shifted channels reach ``shifted`` as BN's shift inside a zero border: not a constant,
+    # though the recorded corner value is 0. Finalize must keep them (once it dropped them).
+    report = FinalizeReport()
+    finalize(gated, cg, report=report)
+    assert any("shifted" in why for why in report.retained.values())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121"])
