@@ -25,8 +25,11 @@ _IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.devic
               types.FunctionType, types.BuiltinFunctionType, type)
 
 
+_IMMUTABLE_TYPES = frozenset(_IMMUTABLE)
+
+
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
-    if isinstance(value, _IMMUTABLE):
+    if type(value) in _IMMUTABLE_TYPES or isinstance(value, _IMMUTABLE):  # the set: most values, one lookup
         return value
     if isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value):
         return value

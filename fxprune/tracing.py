@@ -470,13 +470,13 @@ def _fetch(root: torch.nn.Module, target: str) -> Any:
 def _call_in_eval(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call a leaf in eval mode (BatchNorm statistics stay put, dropout is the identity)."""
     training = [m for m in module.modules() if m.training]
-    for m in training:
-        m.training = False
+    for m in training:  # the flag in the instance dict: Module.__setattr__ costs three lookups
+        m.__dict__["training"] = False
     try:
         return _orig_module_call(module, *args, **kwargs)
     finally:
         for m in training:
-            m.training = True
+            m.__dict__["training"] = True
 
 
 _THIS_FILE = __file__

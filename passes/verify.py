@@ -29,15 +29,18 @@ Tap = tuple[int, list[int]] | None
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no grad for the duration; every submodule's own mode is restored."""
-    modes = [(m, m.training) for m in module.modules()]
-    for m, _ in modes:  # the flag itself: Module.train() recurses, which costs O(modules x depth)
-        m.training = False
+    # The flag itself, through the instance dict: Module.train() recurses (O(modules x depth))
+    # and Module.__setattr__ checks three tables per write; a module already in eval mode is
+    # left alone.
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.__dict__["training"] = False
     try:
         with torch.no_grad():
             yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.__dict__["training"] = True
 
 
 def _summary(value: torch.Tensor, tap: Tap) -> torch.Tensor:
