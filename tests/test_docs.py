@@ -9,7 +9,8 @@ import pytest
 from fxprune.rules.base import REGISTRY
 
 MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize",
-           "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks", "fxprune.lpnet"]
+           "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks", "fxprune.lpnet",
+           "fxprune.passes.constants", "fxprune.lazycode", "fxprune.gcpause"]
 
 
 @pytest.mark.parametrize("name", MODULES)
