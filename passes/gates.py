@@ -94,7 +94,7 @@ def insert_gates(
                     gate_node = gated.graph.call_module(f"{GATE_ROOT}.g{group.id}", (anchor, index, site.dim))
             anchor.replace_all_uses_with(gate_node, delete_user_cb=lambda u: u is not gate_node)
             gate_node.meta["fxprune_group"] = group.id
-    return materialize(gated), gates
+    return gated, gates  # gates only add modules: nothing to drop, and the code is written when first run
 
 
 def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
