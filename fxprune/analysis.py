@@ -29,9 +29,9 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-from fxprune.gcpause import gc_paused
 from fxprune import rules as _rules  # noqa: F401  (registers fxprune's own op rules)
 from fxprune.errors import AnalysisError
+from fxprune.gcpause import gc_paused
 from fxprune.ir import (
     ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )

@@ -66,9 +66,9 @@ import torch.nn.functional as F
 from torch.fx._symbolic_trace import _orig_module_call
 from torch.fx.node import map_aggregate
 
-from fxprune.gcpause import gc_paused
 from fxprune import checks
 from fxprune.errors import FxpruneWarning, TraceError
+from fxprune.gcpause import gc_paused
 from fxprune.lazycode import lazy_graph_module
 from fxprune.modcopy import copy_module
 from fxprune.rules.base import function_target, is_registered_module

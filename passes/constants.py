@@ -13,8 +13,9 @@ rule) is unknown: NaN.
 Finalize then records, in its one run of the gated module, only the consumer inputs whose
 removed channels are not known here. Recording costs real time (on mobilenet_v2 the run took
 1.6x as long with its 52 taps as without); on torchvision's resnets, mobilenet_v2 and
-efficientnet_b0 every removed channel is known to be zero, and densenet's BN -> ReLU constants
-are computed, so none is recorded. A constant computed wrongly here is not silent: finalize's
+efficientnet_b0 every removed channel is known to be zero, so none is recorded, and on
+densenet121 the BN -> ReLU constants are computed (only the classifier's input, an average pool
+of such a constant, is recorded). A constant computed wrongly here is not silent: finalize's
 equivalence check compares the finalized module with the gated one.
 
     >>> import torch, torch.nn as nn, fxprune
@@ -52,12 +53,16 @@ class _Unknown(Exception):
 def channel_constants(gated: fx.GraphModule, cg: ChannelGraph) -> dict[str, torch.Tensor]:
     """Node name -> its value at each position along dim 1 where that is a known constant (NaN
     elsewhere), for the nodes of ``gated`` with at least one known position. Runs nothing but
-    ops on one value per channel, in eval mode. Raises nothing."""
+    ops on one value per channel, in eval mode. Raises nothing: what cannot be followed is
+    unknown."""
     modules = dict(gated.named_modules())
     known: dict[str, torch.Tensor] = {}
     with eval_mode(gated):
         for node in gated.graph.nodes:
-            c = _constant(gated, cg, modules, known, node)
+            try:
+                c = _constant(gated, cg, modules, known, node)
+            except Exception:  # noqa: BLE001 - an op whose constants cannot be followed is recorded instead
+                c = None
             if c is not None and not bool(c.isnan().all()):
                 known[node.name] = c
     return known
@@ -101,10 +106,10 @@ def _constant(gm: fx.GraphModule, cg: ChannelGraph, modules: dict[str, nn.Module
         c = known[x.name]
         return torch.where(c == 0, 0.0, float("nan")) if c.numel() == shape[1] else None
     if rule.category is Category.CONCAT:
-        tensors = list(arg(node, 0, "tensors"))
-        if arg(node, 1, "dim", 0) % len(shape) != 1:
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)) or arg(node, 1, "dim", 0) % len(shape) != 1:
             return None
-        like = next(known[t.name] for t in tensors if t.name in known)
+        like = next(known[t.name] for t in tensors if isinstance(t, fx.Node) and t.name in known)
         return torch.cat([known.get(t.name, _nan(_shape(t)[1], like)) for t in tensors])
     if rule.category is Category.MOVEMENT and isinstance(x, fx.Node) and x.name in known and _labels_stay(cg, x, node):
         return known[x.name]
@@ -118,8 +123,7 @@ def _labels_stay(cg: ChannelGraph, x: fx.Node, node: fx.Node) -> bool:
     om = cg.node_maps.get(node.name)
     if not (isinstance(xm, ChannelMap) and isinstance(om, ChannelMap) and xm.dims == om.dims == (1,)):
         return False
-    tracked = xm.ids[xm.ids >= 0]
-    return np.array_equal(xm.ids, om.ids) and len(np.unique(tracked)) == len(tracked) and not (xm.ids < 0).any()
+    return bool((xm.ids >= 0).all()) and len(np.unique(xm.ids)) == xm.ids.size and np.array_equal(xm.ids, om.ids)
 
 
 def _evaluate(gm: fx.GraphModule, modules: dict[str, nn.Module], known: dict[str, torch.Tensor],

@@ -40,8 +40,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_arg
 
-from fxprune.gcpause import gc_paused
 from fxprune.errors import ConfigError
+from fxprune.gcpause import gc_paused
 from fxprune.ir import ChannelGraph, Layer, ParamSlice, SizeOf
 from fxprune.rules import Rewrite, rule_for
 from fxprune.rules.base import REGISTRY

@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.gcpause import gc_paused
 from fxprune.decision import Decision
 from fxprune.errors import ConfigError
+from fxprune.gcpause import gc_paused
 from fxprune.ir import ChannelGraph, ChannelGroup
 from fxprune.rules.base import gate_anchor
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, structural_copy
