@@ -41,7 +41,7 @@ from torch.fx.node import map_aggregate
 from fxprune.ir import ChannelGraph, ChannelMap
 from fxprune.rules import Category, rule_for
 from fxprune.rules.base import arg
-from fxprune.passes.gates import GATE_ROOT
+from fxprune.passes.gates import is_gate
 from fxprune.passes.sharing import get_tensor
 from fxprune.passes.verify import eval_mode
 
@@ -68,14 +68,13 @@ def channel_constants(gated: fx.GraphModule, cg: ChannelGraph) -> dict[str, torc
     return known
 
 
-def _is_gate(node: fx.Node) -> bool:
-    return node.op == "call_module" and str(node.target).startswith(GATE_ROOT + ".")
+def _meta(node: fx.Node) -> Any:
+    """The traced value's ``TensorMeta`` (a gate's output is its anchor's)."""
+    return (node.args[0] if is_gate(node) else node).meta.get("fxprune_value")
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    if _is_gate(node):  # a gate's output is its anchor's shape
-        node = node.args[0]
-    return getattr(node.meta.get("fxprune_value"), "shape", None)
+    return getattr(_meta(node), "shape", None)
 
 
 def _nan(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -84,8 +83,8 @@ def _nan(n: int, like: torch.Tensor) -> torch.Tensor:
 
 def _constant(gm: fx.GraphModule, cg: ChannelGraph, modules: dict[str, nn.Module],
               known: dict[str, torch.Tensor], node: fx.Node) -> torch.Tensor | None:
-    if _is_gate(node):
-        anchor, index, dim = node.args
+    if is_gate(node):
+        _, index, dim = node.args
         if dim != 1:
             return None
         v = modules[node.target].values().detach()
@@ -119,7 +118,7 @@ def _constant(gm: fx.GraphModule, cg: ChannelGraph, modules: dict[str, nn.Module
 def _labels_stay(cg: ChannelGraph, x: fx.Node, node: fx.Node) -> bool:
     """Whether ``node`` (pure data movement of ``x``) holds every channel of ``x`` at the same
     position along dim 1, and only there (flatten of [N, C, 1, 1] to [N, C])."""
-    xm = cg.node_maps.get((x.args[0] if _is_gate(x) else x).name)
+    xm = cg.node_maps.get((x.args[0] if is_gate(x) else x).name)
     om = cg.node_maps.get(node.name)
     if not (isinstance(xm, ChannelMap) and isinstance(om, ChannelMap) and xm.dims == om.dims == (1,)):
         return False
@@ -141,7 +140,7 @@ def _evaluate(gm: fx.GraphModule, modules: dict[str, nn.Module], known: dict[str
             a_shape = _shape(a)
             if a_shape is None or len(a_shape) != ndim or a_shape[1] != channels:
                 raise _Unknown
-            dtype = getattr(a.meta.get("fxprune_value"), "dtype", torch.float32)
+            dtype = getattr(_meta(a), "dtype", torch.float32)
             return known[a.name].reshape([1, channels] + [1] * (ndim - 2)).to(dtype, copy=True)  # ops may work in place
         if a.op == "get_attr":
             value = get_tensor(gm, a.target)

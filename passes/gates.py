@@ -49,9 +49,14 @@ class Gate(nn.Module):
 GateFactory = Callable[[ChannelGroup], Gate]
 
 
+def is_gate(node: fx.Node) -> bool:
+    """Whether ``node`` calls one of the gates ``insert_gates`` put in."""
+    return node.op == "call_module" and str(node.target).startswith(GATE_ROOT + ".")
+
+
 def gate_sites(gm: fx.GraphModule) -> list[fx.Node]:
     """The gate nodes of a gated module."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(GATE_ROOT + ".")]
+    return [n for n in gm.graph.nodes if is_gate(n)]
 
 
 @gc_paused
