@@ -78,5 +78,12 @@ def remove_dead_branches(gm: fx.GraphModule, cg: ChannelGraph, plans: list[tuple
         cmap = cg.node_maps.get(end.name)
         if isinstance(cmap, ChannelMap) and cmap.dims == (1,):
             slices[(f"{CONSTANT_ROOT}.{name}", 1)] = ParamSlice(CONSTANT_ROOT, name, 1, cmap.ids.copy())
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     return slices
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """fx's dead-code elimination, asking ``Node.is_impure`` only about nodes nothing uses:
+    fx asks it about every node first, which costs a module lookup per call_module (about a
+    fifth of a forward on mobilenet_v2) though only unused nodes can be removed."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: bool(node.users) or node.is_impure())

@@ -45,7 +45,7 @@ from fxprune.gcpause import gc_paused
 from fxprune.ir import ChannelGraph, Layer, ParamSlice, SizeOf
 from fxprune.rules import Rewrite, rule_for
 from fxprune.rules.base import REGISTRY
-from fxprune.passes.branches import dead_branch_plans, remove_dead_branches
+from fxprune.passes.branches import dead_branch_plans, eliminate_dead_code, remove_dead_branches
 from fxprune.passes.constants import channel_constants
 from fxprune.decision import Decision
 from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
@@ -355,7 +355,7 @@ def finalize(
     _resize_modules(gm)
     _specialize_sizes(gm, cg, alive)
     _rewrite_literals(gm, cg, keep)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm = materialize(gm)
     unshare(gm, gated)
     for g in cg.groups:

@@ -1,22 +1,32 @@
 """Equivalence checking: a finalized module must compute what its gated module computes.
 
 Finalize runs the gated module once and records the outputs plus the few intermediate values it
-needs (``record``: the module's compiled code with pre-hooks when every value is a module's
-input, else an interpreter); the check then runs the finalized
-module once and compares (``verify_against``). Only a failure pays for a diagnosis: both modules
-are re-run node by node to name the first diverging node, and in float64 to tell float32
-rounding that the model itself amplifies from a real finalize bug.
+needs (``record``); the check then runs the finalized module once and compares
+(``verify_against``). Both runs go through ``run_graph``, which executes the graph node by node
+without writing the module's Python code: generating and compiling that code costs a third of a
+forward on mobilenet_v2, and neither run needs it (the finalized module writes its code when the
+user first calls it). ``run_graph`` also taps any node's value and names the node that fails.
+Only a failure pays for a diagnosis: both modules are re-run keeping every value to name the
+first diverging node, and in float64 to tell float32 rounding that the model itself amplifies
+from a real finalize bug.
+
+    >>> import torch, torch.fx as fx
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+    >>> keep = lambda node, value: value if node.op == "call_module" else None
+    >>> out, seen = run_graph(gm, (torch.ones(1, 2),), keep)
+    >>> sorted(seen), bool(torch.equal(out, seen["_1"]))
+    (['_0', '_1'], True)
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
+from torch.fx.node import map_aggregate, map_arg
 
 from fxprune.errors import EquivalenceError, FxpruneWarning
 
@@ -24,6 +34,19 @@ from fxprune.errors import EquivalenceError, FxpruneWarning
 # positions along ``dim``: row 0 holds each position's first element, row 1 the largest deviation
 # from it (finalize only asks whether a removed channel is a constant, and which).
 Tap = tuple[int, list[int]] | None
+
+
+class NodeFailed(Exception):
+    """A node of a graph raised while ``run_graph`` ran it (the original error is the cause)."""
+
+    def __init__(self, node: fx.Node, exc: BaseException):
+        super().__init__(f"node '{node.name}' ({node.op} {_target_name(node)}): {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        self.node = node.name
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 @contextlib.contextmanager
@@ -51,62 +74,71 @@ def _summary(value: torch.Tensor, tap: Tap) -> torch.Tensor:
     return torch.stack([cols[:, 0], (cols - cols[:, :1]).abs().amax(1)])
 
 
-class _Tapper(fx.Interpreter):
-    """Runs a graph node by node and keeps the tapped values; values are freed after their last
-    use as usual."""
+def run_graph(gm: fx.GraphModule, inputs: Sequence[Any],
+              keep: Callable[[fx.Node, Any], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Run ``gm``'s graph on ``inputs`` in eval mode without grad, one node at a time, freeing
+    each value after its last use as the generated code would; return the output and, by node
+    name, what ``keep(node, value)`` returned for the nodes where that is not None.
 
-    def __init__(self, gm: fx.GraphModule, taps: dict[str, Tap]):
-        super().__init__(gm)
-        self.taps = taps
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.taps and isinstance(result, torch.Tensor):
-            self.values[n.name] = _summary(result, self.taps[n.name])
-        return result
-
-
-def _hooked_run(gm: fx.GraphModule, inputs: Sequence[Any], taps: dict[str, Tap]) -> tuple[Any, dict[str, torch.Tensor]] | None:
-    """The same recording through the module's own compiled forward, when every tap is the
-    input of a module called once (a consumer conv/linear): pre-hooks see those inputs. None
-    when some tap is not of that kind."""
-    calls: dict[str, int] = {}
-    tapped_by: dict[str, list[str]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-            if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in taps:
-                tapped_by.setdefault(n.args[0].name, []).append(n.target)
-    if set(tapped_by) != set(taps) or any(calls[t] > 1 for ts in tapped_by.values() for t in ts):
-        return None
-    values: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, targets in tapped_by.items():
-        def hook(_mod, args, name=name):
-            if name not in values and args and isinstance(args[0], torch.Tensor):
-                values[name] = _summary(args[0], taps[name])
-        handles.append(gm.get_submodule(targets[0]).register_forward_pre_hook(hook))
-    try:
-        out = gm(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return (out, values) if set(values) == set(taps) else None
+    Unlike ``gm(*inputs)`` this never writes the module's code, and unlike ``fx.Interpreter``
+    it adds about 2 us per node. Module hooks run (modules are called); the root's own forward
+    hooks do not. Raises ``NodeFailed`` naming the node whose op raised."""
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        last_use[n] = i  # a value nothing reads is dropped at once
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    free: list[list[fx.Node]] = [[] for _ in nodes]
+    for a, i in last_use.items():
+        free[i].append(a)
+    modules = dict(gm.named_modules(remove_duplicate=False)) if any(n.op == "call_module" for n in nodes) else {}
+    env: dict[fx.Node, Any] = {}
+    kept: dict[str, Any] = {}
+    pending = list(inputs)
+    with eval_mode(gm):
+        for i, n in enumerate(nodes):
+            try:
+                if n.op == "placeholder":
+                    value = pending.pop(0) if pending else n.args[0]
+                elif n.op == "output":
+                    return map_arg(n.args[0], env.__getitem__), kept
+                elif n.op == "get_attr":
+                    value = gm
+                    for atom in n.target.split("."):
+                        value = getattr(value, atom)
+                else:
+                    args, kwargs = map_arg(n.args, env.__getitem__), map_arg(n.kwargs, env.__getitem__)
+                    if n.op == "call_module":
+                        value = modules[n.target](*args, **kwargs)
+                    elif n.op == "call_function":
+                        value = n.target(*args, **kwargs)
+                    else:
+                        value = getattr(args[0], n.target)(*args[1:], **kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the node named
+                raise NodeFailed(n, exc) from exc
+            if keep is not None:
+                k = keep(n, value)
+                if k is not None:
+                    kept[n.name] = k
+            env[n] = value
+            for a in free[i]:
+                del env[a]
+    return None, kept  # a graph without an output node returns None, as its generated code would
 
 
 def record(gm: fx.GraphModule, inputs: Sequence[Any], taps: dict[str, Tap]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Run ``gm`` once in eval mode; return its output and the tapped values (see ``Tap``).
+    """Run ``gm`` once (``run_graph``); return its output and the tapped values (see ``Tap``).
+    A failure of ``gm`` itself propagates as the op's own exception."""
+    def keep(node: fx.Node, value: Any) -> torch.Tensor | None:
+        if node.name not in taps or not isinstance(value, torch.Tensor):
+            return None
+        return _summary(value, taps[node.name])
 
-    Uses the module's own compiled forward with pre-hooks when the taps allow it (inputs of
-    consumer modules, the usual case), else an interpreter; either way one run.
-    """
-    with eval_mode(gm):
-        hooked = _hooked_run(gm, inputs, taps)
-        if hooked is not None:
-            return hooked
-        tapper = _Tapper(gm, taps)
-        return tapper.run(*inputs), tapper.values
+    try:
+        return run_graph(gm, inputs, keep if taps else None)
+    except NodeFailed as failed:
+        raise failed.__cause__ from None  # type: ignore[misc]
 
 
 def leaves(value: Any) -> list[torch.Tensor]:
@@ -144,40 +176,24 @@ def compare_outputs(new_out: Any, ref_out: Any) -> tuple[float, float]:
     return worst_abs, worst_rel
 
 
-class _NodeRecorder(fx.Interpreter):
-    """Runs a graph node by node, keeping every tensor value, and names the node that fails."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the node named
-            raise EquivalenceError(
-                f"the finalized module fails at node '{n.name}' ({n.op} {n.target}): {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}. This is a bug in fxprune's finalize for "
-                "this graph; please report it with the model.", node=n.name) from exc
-        if isinstance(result, torch.Tensor):
-            self.values[n.name] = result
-        return result
+def _failure(failed: NodeFailed) -> EquivalenceError:
+    return EquivalenceError(
+        f"the finalized module fails at {failed}. This is a bug in fxprune's finalize for this graph; please "
+        "report it with the model.", node=failed.node)
 
 
-def _node_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, dict[str, torch.Tensor]]:
-    with eval_mode(gm):
-        rec = _NodeRecorder(gm)
-        return rec.run(*inputs), rec.values
+def _node_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Every tensor value of one run, by node name (values an in-place op later changes are
+    seen changed: this only locates a divergence)."""
+    return run_graph(gm, inputs, lambda _n, v: v if isinstance(v, torch.Tensor) else None)[1]
 
 
 def _run(candidate: fx.GraphModule, inputs: Sequence[Any]) -> Any:
-    """The candidate's compiled forward; if it raises, re-run node by node to name the node."""
+    """The candidate's output; a failure names the node."""
     try:
-        with eval_mode(candidate):
-            return candidate(*inputs)
-    except Exception:  # noqa: BLE001 - diagnosed below
-        _node_values(candidate, inputs)
-        raise
+        return run_graph(candidate, inputs)[0]
+    except NodeFailed as failed:
+        raise _failure(failed) from failed.__cause__
 
 
 def _float64_rel_diff(reference: fx.GraphModule, candidate: fx.GraphModule, inputs: Sequence[Any]) -> float | None:
@@ -187,8 +203,7 @@ def _float64_rel_diff(reference: fx.GraphModule, candidate: fx.GraphModule, inpu
     to64 = lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
     inputs64 = map_aggregate(tuple(inputs), to64)
     ref, cand = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
-    with eval_mode(ref), eval_mode(cand):
-        return compare_outputs(cand(*inputs64), ref(*inputs64))[1]
+    return compare_outputs(_run(cand, inputs64), record(ref, inputs64, {})[0])[1]
 
 
 def verify_against(reference: fx.GraphModule, ref_out: Any, candidate: fx.GraphModule,
@@ -216,8 +231,7 @@ def verify_against(reference: fx.GraphModule, ref_out: Any, candidate: fx.GraphM
                       f"only {rel64:.3g} in float64: this model amplifies float32 rounding; the finalize is exact.",
                       FxpruneWarning, stacklevel=3)
         return worst_abs, worst_rel
-    _, new_vals = _node_values(candidate, inputs)
-    _, ref_vals = _node_values(reference, inputs)
+    new_vals, ref_vals = _node_values(candidate, inputs), _node_values(reference, inputs)
     first = next((n.name for n in candidate.graph.nodes
                   if n.name in new_vals and n.name in ref_vals and new_vals[n.name].shape == ref_vals[n.name].shape
                   and _rel(new_vals[n.name], ref_vals[n.name])[1] > rtol), None)
@@ -236,6 +250,4 @@ def check_equivalence(reference: fx.GraphModule, candidate: fx.GraphModule, inpu
 
     Raises ``EquivalenceError`` on a mismatch, NaN/Inf, or a failure to run the candidate.
     """
-    with eval_mode(reference):
-        ref_out = reference(*inputs)
-    return verify_against(reference, ref_out, candidate, inputs, rtol)
+    return verify_against(reference, record(reference, inputs, {})[0], candidate, inputs, rtol)
