@@ -299,10 +299,14 @@ def time_table(rows: list[dict[str, Any]]) -> list[str]:
         "model. Each is the median over `runs` timed runs that follow a first (cold) run; "
         "`total` is the median of the runs' sums; `first run` is the cold run's sum (0 runs: only "
         "the first run was made, and the phase columns are its times). `wall` = `total (fwd)` in "
-        "wall-clock time. `target`: issue 8's bound on `total (fwd)`.", "",
+        "wall-clock time. `code` = what the finalized module's first call costs beyond a later "
+        "call (writing and compiling its Python code, which finalize leaves to that call; a script "
+        "that runs or exports the pruned model pays it), median over the timed runs. `target`: "
+        "issue 8's bound on `total (fwd)`, then on `total + code`.", "",
         "| model | forward ms | trace (fwd) | analyze (fwd) | gates (fwd) | finalize (fwd) "
-        "| total s | total (fwd) | wall (fwd) | first run (fwd) | runs | target (fwd) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| total s | total (fwd) | wall (fwd) | first run (fwd) | runs | code (fwd) | total + code (fwd) "
+        "| target (fwd) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         phases, total, wall, runs = phase_times(r)
@@ -312,10 +316,14 @@ def time_table(rows: list[dict[str, Any]]) -> list[str]:
         cells = [fmt(phases[p] / fwd, ".2f") if p in phases else "" for p in PHASES]
         cold = sum(r["cold_s"].values()) / fwd if r.get("cold_s") else None
         target = TARGET_FORWARDS.get(r["model"])
-        verdict = "" if target is None else f"≤ {target} {'✓' if total / fwd <= target else '✗'}"
+        code = r["first_call_code_s"] / fwd if "first_call_code_s" in r else None
+        with_code = total / fwd + code if code is not None else None
+        verdict = "" if target is None else " ".join(
+            f"{'✓' if v <= target else '✗'}" for v in (total / fwd, with_code) if v is not None)
+        verdict = f"≤ {target} {verdict}" if verdict else ""
         lines.append(f"| {r['model']} | {fwd * 1e3:.1f} | {' | '.join(cells)} | {total:.3f} "
                      f"| {total / fwd:.1f} | {wall / r['forward_wall_s']:.1f} "
-                     f"| {fmt(cold, '.1f')} | {runs} | {verdict} |")
+                     f"| {fmt(cold, '.1f')} | {runs} | {fmt(code, '.2f')} | {fmt(with_code, '.1f')} | {verdict} |")
     return lines
 
 
@@ -345,11 +353,18 @@ def tp_table(rows: list[dict[str, Any]]) -> list[str]:
                      f"| {fmt(r.get('tp_s'), '.3f')} | {per(r, 'tp_s', 'forward_s', '.1f')} "
                      f"| {fmt(ratio, '.2f')} | {fmt(wall, '.2f')} | {after} | {r.get('tp_error', '').replace('|', '/')} |")
     ratios = {r["model"]: r["tp_s"] / r["total_s"] for r in measured if "tp_s" in r and r.get("total_s")}
+    coded = {r["model"]: r["tp_s"] / (r["total_s"] + r["first_call_code_s"]) for r in measured
+             if "tp_s" in r and r.get("total_s") and "first_call_code_s" in r}
     if all(m in ratios for m in TP_MODELS):
-        gmean = math.exp(sum(math.log(ratios[m]) for m in TP_MODELS) / len(TP_MODELS))
-        lines += ["", f"Geometric mean of the speed-up over {', '.join(TP_MODELS)}: **{gmean:.2f}x** "
-                      f"(issue 8's target: at least 2x)."]
+        line = f"Geometric mean of the speed-up over {', '.join(TP_MODELS)}: **{gmean(ratios):.2f}x** "
+        if all(m in coded for m in TP_MODELS):
+            line += f"({gmean(coded):.2f}x counting the finalized module's first-call code, see Time) "
+        lines += ["", line + "(issue 8's target: at least 2x)."]
     return lines
+
+
+def gmean(ratios: dict[str, float]) -> float:
+    return math.exp(sum(math.log(ratios[m]) for m in TP_MODELS) / len(TP_MODELS))
 
 
 def memory_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -337,6 +337,20 @@ def tp_first_run(model: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
+def first_call_extra(fin: nn.Module, x: torch.Tensor) -> Took:
+    """What the finalized module's first call costs beyond a later one: writing and compiling its
+    Python code, which finalize leaves to that first call (``fxprune/lazycode.py``); counted
+    beside the pipeline, since a script that runs or exports the pruned model pays it."""
+    with torch.no_grad():
+        first = stopwatch()
+        fin(x)
+        a = first()
+        later = stopwatch()
+        fin(x)
+        b = later()
+    return Took(a.cpu - b.cpu, a.wall - b.wall)
+
+
 def timed_repeats(model: nn.Module, x: torch.Tensor, repeats: int, with_tp: bool) -> None:
     """fxprune's pipeline, Torch-Pruning and 3 dense forwards interleaved, so that drift of a shared
     machine hits all three alike; the forward unit becomes the median of all forwards made."""
@@ -344,10 +358,15 @@ def timed_repeats(model: nn.Module, x: torch.Tensor, repeats: int, with_tp: bool
     forwards: list[Took] = []
     runs: list[dict[str, Took]] = []
     tp_runs: list[Took] = []
+    code: list[Took] = []
     for _ in range(repeats):
         forwards += forward_times(model, x, 3)
         gc.collect()
-        runs.append(run_pipeline(model, x).took)
+        p = run_pipeline(model, x)
+        runs.append(p.took)
+        if p.fin is not None:
+            code.append(first_call_extra(p.fin, x))
+        del p
         if with_tp:
             gc.collect()
             tp_runs.append(tp_prune(model, x)[0])
@@ -356,6 +375,8 @@ def timed_repeats(model: nn.Module, x: torch.Tensor, repeats: int, with_tp: bool
     emit(forward_s=forward_s, forward_wall_s=forward_wall_s, total_s=total_s, total_wall_s=total_wall_s,
          phase_s={ph: statistics.median(r[ph].cpu for r in runs) for ph in runs[0]},
          total_runs=[t.cpu for t in totals], total_wall_runs=[t.wall for t in totals])
+    if code:
+        emit(first_call_code_s=statistics.median(t.cpu for t in code))
     if tp_runs:
         tp_s, tp_wall_s = medians(tp_runs)
         emit(tp_s=tp_s, tp_wall_s=tp_wall_s, tp_runs=[t.cpu for t in tp_runs],

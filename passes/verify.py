@@ -98,23 +98,10 @@ def run_graph(gm: fx.GraphModule, inputs: Sequence[Any],
     pending = list(inputs)
     with eval_mode(gm):
         for i, n in enumerate(nodes):
+            if n.op == "output":
+                return map_arg(n.args[0], env.__getitem__), kept
             try:
-                if n.op == "placeholder":
-                    value = pending.pop(0) if pending else n.args[0]
-                elif n.op == "output":
-                    return map_arg(n.args[0], env.__getitem__), kept
-                elif n.op == "get_attr":
-                    value = gm
-                    for atom in n.target.split("."):
-                        value = getattr(value, atom)
-                else:
-                    args, kwargs = map_arg(n.args, env.__getitem__), map_arg(n.kwargs, env.__getitem__)
-                    if n.op == "call_module":
-                        value = modules[n.target](*args, **kwargs)
-                    elif n.op == "call_function":
-                        value = n.target(*args, **kwargs)
-                    else:
-                        value = getattr(args[0], n.target)(*args[1:], **kwargs)
+                value = pending.pop(0) if n.op == "placeholder" and pending else _execute(gm, modules, env, n)
             except Exception as exc:  # noqa: BLE001 - re-raised with the node named
                 raise NodeFailed(n, exc) from exc
             if keep is not None:
@@ -125,6 +112,24 @@ def run_graph(gm: fx.GraphModule, inputs: Sequence[Any],
             for a in free[i]:
                 del env[a]
     return None, kept  # a graph without an output node returns None, as its generated code would
+
+
+def _execute(gm: fx.GraphModule, modules: dict[str, torch.nn.Module], env: dict[fx.Node, Any], n: fx.Node) -> Any:
+    """One node's value. A function of its own, so that the arguments it gathers are released
+    when it returns rather than held through the next node's run."""
+    if n.op == "placeholder":  # an input not passed: the placeholder's default
+        return n.args[0]
+    if n.op == "get_attr":
+        value: Any = gm
+        for atom in n.target.split("."):
+            value = getattr(value, atom)
+        return value
+    args, kwargs = map_arg(n.args, env.__getitem__), map_arg(n.kwargs, env.__getitem__)
+    if n.op == "call_module":
+        return modules[n.target](*args, **kwargs)
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    return getattr(args[0], n.target)(*args[1:], **kwargs)
 
 
 def record(gm: fx.GraphModule, inputs: Sequence[Any], taps: dict[str, Tap]) -> tuple[Any, dict[str, torch.Tensor]]:
