@@ -22,13 +22,22 @@ sees real shapes:
   concretely (the extra example inputs, else empty / their defaults); example inputs map to
   the positional parameters in order, and non-tensor ones are specialised.
 
-Values are real tensors computed under ``no_grad``: tracing costs one eager forward plus fx's
-own overhead, and memory as that forward (a value lives as long as its proxy). Fake tensors
-(``FakeTensorMode``) were measured as the alternative (torch 2.14, one CPU thread): they spend
-no FLOPs but about 1 ms of Python per op, which made capture slower for every torchvision model
-tried at 64x64 and for mobilenet_v2, densenet121, convnext_tiny and efficientnet_b0 at 224x224
-(1.4-3x); only resnet50 at 224x224 gained (134 vs 203 ms). Leaves run in eval mode, so
-BatchNorm statistics never move; the graph itself is recorded in the model's own train/eval
+Values are tensors computed under ``no_grad``, with one exception: convolutions and linear
+layers (exact types) are not computed. Their output is zeros of the right shape and strides,
+the shape from a run on meta tensors (about 50 us a layer instead of its FLOPs: the trace of
+resnet50 at 224x224 drops from 1.3 to 0.4 forwards, densenet121's from 1.8 to 1.1). Such a
+value is right in shape only (``fake``), and so is everything computed from it; shapes,
+control flow and the graph stay exact as long as no op could read its contents into a shape.
+So a fake value may only flow into ops that have an op rule (element-wise, norms, pooling,
+data movement, ...), as floating-point data (not an index, a size, a mask or a scalar), not
+written into a real tensor and not turned into Python data; anything else (``nonzero``, an
+opaque leaf, an op without a rule) abandons that trace, and the model is traced again with
+every value computed, on a fresh copy. Fake tensors (``FakeTensorMode``) were measured as the
+alternative for every op (torch 2.14, one CPU thread): they spend no FLOPs but about 1 ms of
+Python per op, which made capture slower for every torchvision model tried at 64x64 and for
+mobilenet_v2, densenet121, convnext_tiny and efficientnet_b0 at 224x224 (1.4-3x); only
+resnet50 at 224x224 gained (134 vs 203 ms). Leaves run in eval mode, so BatchNorm statistics
+never move; the graph itself is recorded in the model's own train/eval
 mode, as plain fx does. Each node gets ``meta["fxprune_value"]``: a ``TensorMeta`` per tensor,
 other values (ints, ``torch.Size``, slices) as they are, so no separate forward is needed.
 
@@ -71,7 +80,7 @@ from fxprune.errors import FxpruneWarning, TraceError
 from fxprune.gcpause import gc_paused
 from fxprune.lazycode import lazy_graph_module
 from fxprune.modcopy import copy_module
-from fxprune.rules.base import function_target, is_registered_module
+from fxprune.rules.base import function_target, is_registered_module, rule_for
 
 # Modules that stay leaves so that their train/eval behaviour survives tracing.
 _KEEP_AS_LEAF: tuple[type, ...] = ()
@@ -112,6 +121,16 @@ class _RunFailed(BaseException):
     """An op failed on the example values: the inputs do not fit the model (never a leaf)."""
 
 
+class _NeedValues(BaseException):
+    """A value the trace did not compute reached an op whose result could depend on it."""
+
+
+# Layers whose output the trace does not compute, only its shape: what the trace's values are
+# for (see the module docstring). Exact types: a subclass may compute anything in its forward.
+_SHAPE_ONLY_LAYERS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -135,10 +154,13 @@ def _value_meta(value: Any) -> Any:
 
 class ConcreteProxy(fx.Proxy):
     """A proxy that knows the concrete value of its node (``value``) and whether that value
-    was computed from tensor values (``tainted``), which decides what Python may branch on."""
+    was computed from tensor values (``tainted``), which decides what Python may branch on.
+    ``fake``: the value has the right shape but not the right contents (it descends from a
+    layer the trace did not compute, see ``_shape_only_output``)."""
 
     value: Any
     tainted: bool
+    fake: bool = False
 
     def __getattr__(self, k: str) -> ConcreteAttribute:
         return ConcreteAttribute(self, k)
@@ -208,6 +230,10 @@ class ConcreteAttribute(ConcreteProxy):
     def tainted(self) -> bool:  # type: ignore[override]
         return self._materialize().tainted
 
+    @property
+    def fake(self) -> bool:  # type: ignore[override]
+        return self._materialize().fake
+
     def __call__(self, *args: Any, **kwargs: Any) -> ConcreteProxy:
         return self.tracer.create_proxy("call_method", self.attr, (self.root,) + args, kwargs)
 
@@ -267,11 +293,15 @@ class ConcreteTracer(fx.Tracer):
     its Python state is restored, and ``leaves`` says why.
     """
 
-    def __init__(self, example_inputs: Sequence[Any]):
+    def __init__(self, example_inputs: Sequence[Any], shape_only: bool = False):
         super().__init__()
         self.example_inputs = tuple(example_inputs)
         self.leaves: dict[str, str] = {}
         self.shape_nodes: set[fx.Node] = set()
+        self.shape_only = shape_only  # convs and linears yield zeros of their output's shape
+        self.need_values: str | None = None  # why a shape-only trace does not stand
+        self._modules: dict[str, torch.nn.Module] | None = None
+        self._made_fake = False
         self._evaluating = False
         self._param_cache: dict[str, fx.Proxy] = {}
         self._state: _ModuleState | None = None
@@ -332,14 +362,45 @@ class ConcreteTracer(fx.Tracer):
                      name: str | None = None, type_expr: Any = None,
                      proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> ConcreteProxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxies = [a for a in _flat((args, kwargs)) if isinstance(a, ConcreteProxy)]
+        shape_query = _is_shape_query(kind, target, args)
+        fake_input = not shape_query and any(a.fake for a in proxies)
+        if fake_input:
+            self._check_shape_only(proxy.node, kind, target, args, kwargs)
+        self._made_fake = False
         value = self._compute(kind, target, args, kwargs)
-        tainted = not _is_shape_query(kind, target, args) and any(
-            isinstance(a, ConcreteProxy) and (a.tainted or _has_tensor(a.value)) for a in _flat((args, kwargs))
-        )
-        return self._record(proxy, value, tainted)
+        if fake_input and not all(isinstance(v, torch.Tensor) for v in _flat(value)):
+            self._refuse(proxy.node, "turns a value into Python data")
+        tainted = not shape_query and any(a.tainted or _has_tensor(a.value) for a in proxies)
+        return self._record(proxy, value, tainted, fake=fake_input or self._made_fake)
 
-    def _record(self, proxy: ConcreteProxy, value: Any, tainted: bool) -> ConcreteProxy:
-        proxy.value, proxy.tainted = value, tainted
+    # ---- shape-only layers -------------------------------------------------------------------
+    def _check_shape_only(self, node: fx.Node, kind: str, target: Any, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+        """A value that is only right in shape may flow into ``node`` if the op's result shape
+        cannot depend on its contents: an op with a rule (element-wise, norms, pooling, data
+        movement, ...) reading it as floating-point data, not as an index, size or mask, and
+        not writing it into a real tensor."""
+        if self._modules is None:
+            self._modules = dict(self.root.named_modules())
+        if rule_for(node, self._modules) is None:
+            self._refuse(node, "has no op rule")
+        first = args[0] if args else None
+        for a in _flat((args, kwargs)):  # the operand acted on may be anything (a tuple to index)
+            if isinstance(a, ConcreteProxy) and a.fake and a is not first and not (
+                    isinstance(a.value, torch.Tensor) and a.value.is_floating_point() and a.value.dim()):
+                self._refuse(node, "may read it as an index, a size or a scalar")
+        in_place = kind != "call_module" and (target in _IN_PLACE_FUNCTIONS or str(
+            getattr(target, "__name__", target)).endswith("_"))
+        if (in_place or "out" in kwargs) and not (isinstance(first, ConcreteProxy) and first.fake):
+            self._refuse(node, "writes into a computed tensor")
+
+    def _refuse(self, node: fx.Node, why: str) -> None:
+        self.need_values = f"'{node.name}' {why}"
+        raise _NeedValues(self.need_values)
+
+    def _record(self, proxy: ConcreteProxy, value: Any, tainted: bool, fake: bool = False) -> ConcreteProxy:
+        proxy.value, proxy.tainted, proxy.fake = value, tainted, fake
         node = proxy.node
         node.meta["fxprune_value"] = _value_meta(value)
         if not tainted and not _has_tensor(value) and node.op in ("call_function", "call_method"):
@@ -360,7 +421,12 @@ class ConcreteTracer(fx.Tracer):
                 if kind == "call_method":
                     return getattr(a[0], target)(*a[1:], **k)
                 if kind == "call_module":
-                    return _call_in_eval(self.root.get_submodule(target), a, k)
+                    module = self.root.get_submodule(target)
+                    out = _shape_only_output(module, a, k) if self.shape_only else None
+                    if out is not None:
+                        self._made_fake = True
+                        return out
+                    return _call_in_eval(module, a, k)
                 if target in _EVAL_ARGUMENT:
                     bound = inspect.signature(target).bind(*a, **k)
                     bound.arguments[_EVAL_ARGUMENT[target]] = False
@@ -467,6 +533,30 @@ def _fetch(root: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def _shape_only_output(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Zeros in the shape (and strides) of a conv's or linear's output, the shape from a run on
+    meta tensors (about 50 us instead of the layer's FLOPs); None where the layer must really
+    run: another type, another call, or a call the meta run refuses (the real one then raises
+    the real error)."""
+    if type(module) not in _SHAPE_ONLY_LAYERS or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x, weight, bias = args[0], module.weight, module.bias
+
+    def meta(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    if x.dtype != weight.dtype or x.device != weight.device:
+        return None
+    try:
+        if isinstance(module, torch.nn.Linear):
+            out = F.linear(meta(x), meta(weight), meta(bias))
+        else:
+            out = module._conv_forward(meta(x), meta(weight), meta(bias))
+    except Exception:  # noqa: BLE001 - the real call reports it
+        return None
+    return torch.empty_like(out, device=x.device).zero_()
+
+
 def _call_in_eval(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call a leaf in eval mode (BatchNorm statistics stay put, dropout is the identity)."""
     training = [m for m in module.modules() if m.training]
@@ -497,11 +587,34 @@ def _describe(exc: BaseException, stack: list[traceback.FrameSummary] | None = N
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
 
 
-def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
-    tracer = ConcreteTracer(example_inputs)
+def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], shape_only: bool) -> tuple[fx.GraphModule, dict[str, str]]:
+    tracer = ConcreteTracer(example_inputs, shape_only)
     graph = tracer.trace(model)
+    if tracer.need_values:  # refused inside code that caught the signal: the graph is incomplete
+        raise _NeedValues(tracer.need_values)
     graph._tracer_cls = None  # unpickling re-traces the generated code: with a plain fx.Tracer
     return lazy_graph_module(tracer.root, graph, type(model).__name__), dict(tracer.leaves)
+
+
+def _capture_shapes_first(model: torch.nn.Module, copied: torch.nn.Module,
+                          example_inputs: tuple[Any, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Capture with shape-only convs and linears; if that trace does not stand (a value it did
+    not compute reached an op that might read it, or anything failed), capture again with every
+    value computed, on a fresh copy: the first trace may have written into the copy's tensors.
+    Warnings of a discarded first trace are dropped (the second one gives its own)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = _capture(copied, example_inputs, shape_only=True)
+        except (Exception, _RunFailed, _NeedValues, DataDependentControlFlow):  # noqa: BLE001 - decided below
+            result = None
+    if result is None:
+        copied = copy_module(model)
+        checks.drop_hooks(copied)
+        return _capture(copied, example_inputs, shape_only=False)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return result
 
 
 @gc_paused
@@ -531,7 +644,7 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModu
                       "not run; the pruned model has none (register them again on it; modules keep their names)",
                       FxpruneWarning, stacklevel=2)
     try:
-        gm, leaves = _capture(copied, example_inputs)
+        gm, leaves = _capture_shapes_first(model, copied, example_inputs)
     except TraceError:
         raise
     except _RunFailed as exc:

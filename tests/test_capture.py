@@ -465,3 +465,109 @@ def test_register_op_teaches_a_custom_autograd_function():
         torch.testing.assert_close(g_pruned, xs.grad)  # the reversal survives finalize
     finally:
         del REGISTRY.functions[function_target(_GradReverse)]
+
+
+# ---- shape-only convolutions and linears -------------------------------------------------------
+
+class _CountConvs:
+    """Counts conv2d calls on real (non-meta) tensors while tracing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import torch.nn.modules.conv as conv_module
+        real = conv_module.F.conv2d
+        self.calls = 0
+
+        def counted(x, *args, **kwargs):
+            self.calls += x.device.type != "meta"
+            return real(x, *args, **kwargs)
+
+        monkeypatch.setattr(conv_module.F, "conv2d", counted)
+
+
+class _PositivesOnly(nn.Module):
+    """A conv's output values decide an output's shape (a boolean mask): zeros would give none."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        flat = y.flatten()
+        return self.head(torch.relu(y)), flat[flat > 0]
+
+
+class _RunningMean(nn.Module):
+    """Writes a conv's output into a buffer in place while it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.seen.add_(y.mean((0, 2, 3)))
+        return y
+
+
+def test_plain_convnets_trace_without_computing_their_convolutions(monkeypatch):
+    """The trace needs the convs' output shapes only: torchvision resnet18 traces without one
+    real conv2d, and the traced module (which does compute) equals the model."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    counter = _CountConvs(monkeypatch)
+    gm = fxprune.trace(model, (x,))
+    assert counter.calls == 0
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert counter.calls > 0
+
+
+def test_a_shape_read_from_conv_values_is_traced_from_real_values(monkeypatch):
+    """A boolean mask of a conv's output sizes a tensor: the shape-only trace gives way to one
+    that computes every value, so the recorded shape is the real one."""
+    model, x = _PositivesOnly().eval(), torch.randn(1, 3, 8, 8)
+    counter = _CountConvs(monkeypatch)
+    gm = fxprune.trace(model, (x,))
+    assert counter.calls > 0
+    with torch.no_grad():
+        expected = model(x)[1]
+    out_meta = [n for n in gm.graph.nodes if n.op == "output"][0].meta["fxprune_value"]
+    assert 0 < expected.numel() < 4 * 8 * 8
+    assert out_meta[1].shape == tuple(expected.shape)
+    with torch.no_grad():
+        assert torch.equal(gm(x)[1], expected)
+
+
+def test_a_conv_output_written_into_a_buffer_is_written_with_real_values():
+    """The traced copy ran the model once, as with every value computed: its buffer holds the
+    real mean, not one of zeros; the user's buffer is untouched."""
+    torch.manual_seed(0)
+    model, x = _RunningMean().eval(), torch.randn(1, 3, 8, 8)
+    gm = fxprune.trace(model, (x,))
+    reference = copy_module(model)
+    with torch.no_grad():
+        reference(x)
+    assert reference.seen.abs().sum() > 0
+    assert torch.equal(gm.get_buffer("seen"), reference.seen)
+    assert not model.seen.any()
+
+
+def test_warnings_of_an_abandoned_shape_only_trace_are_not_repeated():
+    class Warns(_PositivesOnly):
+        def forward(self, x):
+            import warnings
+            warnings.warn("fxprune-test: forward ran", UserWarning)
+            return super().forward(x)
+
+    import warnings
+    for cls in (Warns, type("WarnsPlain", (Warns,), {"forward": lambda self, x: (
+            warnings.warn("fxprune-test: forward ran", UserWarning), self.conv(x))[1]})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fxprune.trace(cls().eval(), (torch.randn(1, 3, 8, 8),))
+        assert [str(w.message) for w in caught if "fxprune-test" in str(w.message)] == ["fxprune-test: forward ran"]
