@@ -311,18 +311,39 @@ class Walk:
         for node, dim, ids in self.sites:
             g, u = units.lookup(ids)
             groups[int(g[0])].sites.append(Site(node, dim, u))
-        for ps in self.param_slices.values():
-            g, u = units.lookup(ps.ids)
-            tracked = g[g >= 0]
-            gids = [] if not tracked.size else [int(tracked[0])] if (tracked == tracked[0]).all() else np.unique(tracked).tolist()
-            for gid in gids:
-                pos = np.nonzero(g == gid)[0]
-                groups[gid].slices.append(SliceSpec(ps.module_path, ps.param, ps.dim, pos, u[pos]))
+        self._add_slices(units, groups)
         coupling = nx.relabel_nodes(coupling, {i: s for i, s in enumerate(self.spaces)})
         node_maps = {n.name: v for n, v in self.env.items() if v is not None and not isinstance(v, SizeOf)}
         return ChannelGraph(groups, units, self.layers, self.param_slices, node_maps, coupling, reasons,
                             channel_sizes=dict(self.channel_sizes), size_uses=set(self.size_uses),
                             source={n.name: node_signature(n) for n in self.gm.graph.nodes})
+
+
+    def _add_slices(self, units: UnitTable, groups: list[ChannelGroup]) -> None:
+        """Each parameter slice to the groups whose units it holds. All slices are looked up at
+        once and the common case (one group holds the whole slice) needs no per-slice masking:
+        one slice at a time, this loop was a third of analyze on densenet121 (785 slices)."""
+        slices = list(self.param_slices.values())
+        if not slices:
+            return
+        lengths = np.array([len(ps.ids) for ps in slices], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        g_all, u_all = units.lookup(np.concatenate([np.asarray(ps.ids, dtype=np.int64) for ps in slices]))
+        whole = np.zeros(len(slices), dtype=bool)  # one group holds every position
+        nonempty = lengths > 0
+        if nonempty.any():
+            lo = np.minimum.reduceat(g_all, starts[nonempty])
+            hi = np.maximum.reduceat(g_all, starts[nonempty])
+            whole[nonempty] = (lo == hi) & (lo >= 0)
+        for i, ps in enumerate(slices):
+            g = g_all[starts[i]:starts[i] + lengths[i]]
+            u = u_all[starts[i]:starts[i] + lengths[i]]
+            if whole[i]:
+                groups[int(g[0])].slices.append(SliceSpec(ps.module_path, ps.param, ps.dim, np.arange(len(g)), u))
+                continue
+            for gid in np.unique(g[g >= 0]).tolist():
+                pos = np.nonzero(g == gid)[0]
+                groups[gid].slices.append(SliceSpec(ps.module_path, ps.param, ps.dim, pos, u[pos]))
 
 
 def _distinct(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
