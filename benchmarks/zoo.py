@@ -293,8 +293,9 @@ def time_table(rows: list[dict[str, Any]]) -> list[str]:
         "## Time", "",
         "Unit `fwd` = one eager `torch.no_grad()` forward of the dense model on the example input "
         "(`forward ms`): the median of the forwards interleaved with the timed runs (3 before each), "
-        "or with 0 runs of 5 after a warm-up. Phases: `trace` = `fxprune.trace` (deep copy, "
-        "concrete trace that records every value); `analyze` = `fxprune.analyze`; `gates` = "
+        "or with 0 runs of 5 after a warm-up. Phases: `trace` = `fxprune.trace` (copy-on-write "
+        "copy, concrete trace that records every shape; convs and linears are not computed); "
+        "`analyze` = `fxprune.analyze`; `gates` = "
         "`insert_gates`; `finalize` = `finalize` including its equivalence check against the gated "
         "model. Each is the median over `runs` timed runs that follow a first (cold) run; "
         "`total` is the median of the runs' sums; `first run` is the cold run's sum (0 runs: only "
