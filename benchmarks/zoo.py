@@ -319,9 +319,8 @@ def time_table(rows: list[dict[str, Any]]) -> list[str]:
         target = TARGET_FORWARDS.get(r["model"])
         code = r["first_call_code_s"] / fwd if "first_call_code_s" in r else None
         with_code = total / fwd + code if code is not None else None
-        verdict = "" if target is None else " ".join(
-            f"{'✓' if v <= target else '✗'}" for v in (total / fwd, with_code) if v is not None)
-        verdict = f"≤ {target} {verdict}" if verdict else ""
+        verdict = "" if target is None else f"≤ {target} " + " ".join(
+            "✓" if v <= target else "✗" for v in (total / fwd, with_code) if v is not None)
         lines.append(f"| {r['model']} | {fwd * 1e3:.1f} | {' | '.join(cells)} | {total:.3f} "
                      f"| {total / fwd:.1f} | {wall / r['forward_wall_s']:.1f} "
                      f"| {fmt(cold, '.1f')} | {runs} | {fmt(code, '.2f')} | {fmt(with_code, '.1f')} | {verdict} |")

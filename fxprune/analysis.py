@@ -318,7 +318,6 @@ class Walk:
                             channel_sizes=dict(self.channel_sizes), size_uses=set(self.size_uses),
                             source={n.name: node_signature(n) for n in self.gm.graph.nodes})
 
-
     def _add_slices(self, units: UnitTable, groups: list[ChannelGroup]) -> None:
         """Each parameter slice to the groups whose units it holds. All slices are looked up at
         once and the common case (one group holds the whole slice) needs no per-slice masking:

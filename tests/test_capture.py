@@ -10,6 +10,7 @@ Value-dependent control flow must still give an opaque leaf (in a submodule) or 
 from __future__ import annotations
 
 import operator
+import warnings
 
 import numpy as np
 import pytest
@@ -557,17 +558,29 @@ def test_a_conv_output_written_into_a_buffer_is_written_with_real_values():
     assert not model.seen.any()
 
 
-def test_warnings_of_an_abandoned_shape_only_trace_are_not_repeated():
-    class Warns(_PositivesOnly):
-        def forward(self, x):
-            import warnings
-            warnings.warn("fxprune-test: forward ran", UserWarning)
-            return super().forward(x)
+class _WarnsThenMasks(_PositivesOnly):
+    """Warns on every run and needs real values (its shape-only trace is abandoned)."""
 
-    import warnings
-    for cls in (Warns, type("WarnsPlain", (Warns,), {"forward": lambda self, x: (
-            warnings.warn("fxprune-test: forward ran", UserWarning), self.conv(x))[1]})):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fxprune.trace(cls().eval(), (torch.randn(1, 3, 8, 8),))
-        assert [str(w.message) for w in caught if "fxprune-test" in str(w.message)] == ["fxprune-test: forward ran"]
+    def forward(self, x):
+        warnings.warn("fxprune-test: forward ran", UserWarning)
+        return super().forward(x)
+
+
+class _WarnsPlain(nn.Module):
+    """Warns on every run and traces shape-only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        warnings.warn("fxprune-test: forward ran", UserWarning)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("cls", [_WarnsThenMasks, _WarnsPlain])
+def test_warnings_of_an_abandoned_shape_only_trace_are_not_repeated(cls):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxprune.trace(cls().eval(), (torch.randn(1, 3, 8, 8),))
+    assert [str(w.message) for w in caught if "fxprune-test" in str(w.message)] == ["fxprune-test: forward ran"]
