@@ -515,17 +515,79 @@ class _RunningMean(nn.Module):
 
 def test_plain_convnets_trace_without_computing_their_convolutions(monkeypatch):
     """The trace needs the convs' output shapes only: torchvision resnet18 traces without one
-    real conv2d, and the traced module (which does compute) equals the model."""
+    real conv2d, nor a real BatchNorm or max-pool on what the convs yield, and the traced module
+    (which does compute) equals the model."""
     import torchvision
+    import torch.nn.modules.batchnorm as bn_module
+    import torch.nn.modules.pooling as pool_module
 
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)
     counter = _CountConvs(monkeypatch)
+    real: list[str] = []
+    for module, name in ((bn_module.F, "batch_norm"), (pool_module.F, "max_pool2d")):
+        def counted(t, *args, _op=getattr(module, name), _name=name, **kwargs):
+            if t.device.type != "meta":
+                real.append(_name)
+            return _op(t, *args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
     gm = fxprune.trace(model, (x,))
-    assert counter.calls == 0
+    assert counter.calls == 0 and real == []
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
-    assert counter.calls > 0
+    assert counter.calls > 0 and "batch_norm" in real and "max_pool2d" in real
+
+
+def _layouts() -> list[tuple[nn.Module, torch.Tensor]]:
+    """Layers and inputs whose output layout the shape-only trace must get right: row-major and
+    channels-last inputs and weights, size-1 dims whose strides are arbitrary, 1-3 spatial dims."""
+    torch.manual_seed(0)
+    x4, x5 = torch.randn(2, 8, 9, 7), torch.randn(1, 8, 5, 6, 7)
+    odd = torch.randn(3, 8, 1).transpose(1, 2).transpose(1, 2)  # "contiguous", stride 8 on a size-1 dim
+    cases: list[tuple[nn.Module, torch.Tensor]] = []
+    for conv in (nn.Conv2d(8, 6, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 2, dilation=2, groups=4),
+                 nn.Conv2d(8, 4, (1, 3), (2, 1), (0, 1)), nn.Conv2d(8, 4, 3, padding="same"),
+                 nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")):
+        cases += [(conv, x4), (conv, x4.contiguous(memory_format=torch.channels_last)), (conv, x4[:, :, ::2])]
+    cases += [(nn.Conv2d(8, 6, 1).to(memory_format=torch.channels_last), x4), (nn.Conv2d(8, 6, 1), x4[:, :, :1, :1]),
+              (nn.Conv1d(8, 5, 3, 2, 1), x4[0, :, :, 0]), (nn.Conv1d(8, 5, 3), torch.randn(8, 11)), (nn.Conv1d(8, 5, 1), odd), (nn.Conv3d(8, 4, 3, 1, 1), x5),
+              (nn.Conv3d(8, 4, 3, 1, 1), x5.contiguous(memory_format=torch.channels_last_3d)),
+              (nn.Linear(7, 5), x4), (nn.Linear(9, 5), x4.transpose(2, 3)), (nn.Linear(8, 3), torch.randn(8))]
+    for layer in (nn.BatchNorm2d(8), nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.MaxPool2d(3, 2, 1),
+                  nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+                  nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((3, None))):
+        cases += [(layer, x4), (layer, x4.contiguous(memory_format=torch.channels_last)), (layer, x4[:, :, 1:])]
+    cases += [(nn.AdaptiveAvgPool1d(2), odd), (nn.AdaptiveAvgPool3d((1, 2, None)), x5), (nn.BatchNorm1d(8), odd)]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_layouts())))
+def test_shape_only_values_have_the_real_output_layout(case):
+    """Where the trace does not run a layer (a conv or linear; a norm, activation or pool given a
+    value that is only right in shape) its stand-in has the real output's shape, strides and
+    dtype, or the layer runs for real; row-major inputs always take the shortcut."""
+    from fxprune.tracing import _row_major, _shape_only_output
+
+    layer, x = _layouts()[case]
+    layer.eval()
+    stand_in = _shape_only_output(layer, (x,), {}, True)
+    with torch.no_grad():
+        real = layer(x)
+    if stand_in is None:
+        assert not (_row_major(x) and _row_major(getattr(layer, "weight", x))) or isinstance(layer.padding, str)
+    else:
+        assert (stand_in.shape, stand_in.stride(), stand_in.dtype) == (real.shape, real.stride(), real.dtype)
+
+
+def test_a_layer_that_does_not_fit_its_input_runs_for_real():
+    """No stand-in for a call that fails for real: the real run then raises the real error."""
+    from fxprune.tracing import _shape_only_output
+
+    x = torch.randn(1, 7, 4, 4)
+    for layer in (nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3), nn.Linear(8, 2), nn.Conv2d(7, 4, 5)):
+        assert _shape_only_output(layer, (x,), {}, True) is None
+        with pytest.raises(RuntimeError):
+            layer(x)
 
 
 def test_a_shape_read_from_conv_values_is_traced_from_real_values(monkeypatch):
