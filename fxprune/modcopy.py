@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import types
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ _IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.devic
 
 
 _IMMUTABLE_TYPES = frozenset(_IMMUTABLE)
+_TABLES = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
 
 
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
@@ -67,11 +69,21 @@ def clone_tree(
             return copy.deepcopy(mod, memo)  # a class that copies itself (GraphModule regenerates code)
         out = mod.__class__.__new__(mod.__class__)
         memo[id(mod)] = out
-        special = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
-        attrs = {k: (v if tensor is None else clone(v) if isinstance(v, nn.Module) else _copy_value(v, memo))
-                 for k, v in mod.__dict__.items() if k not in special}  # a module kept as a plain attribute: one copy
-        attrs["_parameters"] = {k: convert(v) for k, v in mod._parameters.items()}
-        attrs["_buffers"] = {k: convert(v) for k, v in mod._buffers.items()}
+        attrs = mod.__dict__.copy()  # C-level; then only what is not shared is replaced
+        if tensor is None:
+            attrs["_parameters"] = mod._parameters.copy()
+            attrs["_buffers"] = mod._buffers.copy()
+        else:
+            for k, v in attrs.items():  # values change, keys do not: safe while iterating
+                kind = type(v)
+                if kind in _IMMUTABLE_TYPES or k in _TABLES:
+                    continue
+                if (kind is dict or kind is OrderedDict) and not v:  # hook tables
+                    attrs[k] = kind()
+                else:  # a module kept as a plain attribute: one copy (memo)
+                    attrs[k] = clone(v) if isinstance(v, nn.Module) else _copy_value(v, memo)
+            attrs["_parameters"] = {k: convert(v) for k, v in mod._parameters.items()}
+            attrs["_buffers"] = {k: convert(v) for k, v in mod._buffers.items()}
         attrs["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
         attrs["_modules"] = {k: (clone(v) if v is not None else None) for k, v in mod._modules.items()}
         out.__dict__ = attrs  # bypasses Module.__setattr__, whose checks cost more than the copy

@@ -5,7 +5,8 @@ Steps, each a small function below, all driven by the op rules (``fxprune.rules`
 2. run the gated module once, recording its outputs and the few values later steps need (the
    constants removed channels carry into consumers are mostly read off the graph instead,
    ``passes.constants``);
-3. fold every gate value into the parameters of the node it gates (``rule.gate_params``);
+3. copy the gated module without its gates, each gate value folded into the parameters of the
+   node it gates (``rule.gate_params``);
 4. replace fully removed residual/SE branches by their constant; keep one zero channel where a
    live conv would be left with none;
 5. absorb the constant a removed channel still feeds a consumer into that consumer's bias
@@ -48,7 +49,7 @@ from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, eliminate_dead_code, remove_dead_branches
 from fxprune.passes.constants import channel_constants
 from fxprune.decision import Decision
-from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_sites, read_gates
+from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_nodes, gate_sites, read_gates
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, structural_copy, unshare
 from fxprune.passes.verify import Tap, record, verify_against
 
@@ -68,31 +69,33 @@ class FinalizeReport:
     max_rel_diff: float = 0.0
 
 
-def _fold_gates(gm: fx.GraphModule, values: dict[int, torch.Tensor]) -> None:
-    """Multiply each gate into the parameters of the node it gates, then drop the gate."""
-    modules = dict(gm.named_modules())
+def _folded_copy(gated: fx.GraphModule, values: dict[int, torch.Tensor]) -> fx.GraphModule:
+    """A working copy of ``gated`` without its gates, each gate's values multiplied into the
+    parameters of the node it gates (the copy's graph is made without the gate nodes)."""
+    gm = structural_copy(gated, bypass=gate_nodes(gated))
+    if hasattr(gm, GATE_ROOT):
+        delattr(gm, GATE_ROOT)
+    modules = dict(gm.named_modules(remove_duplicate=False))  # every path a parameter may be named by
+    nodes = {n.name: n for n in gm.graph.nodes}
     folded: set[tuple[str, int]] = set()
-    for node in gate_sites(gm):
-        gate = modules[node.target]
-        anchor, index, dim = node.args
+    for node in gate_sites(gated):
+        gate = gated.get_submodule(node.target)
+        anchor, index, _ = node.args
         v = values[gate.group_id]
         if index is not None:
-            v = v[gm.get_buffer(index.target)]
+            v = v[gated.get_buffer(index.target)]
+        anchor = nodes[anchor.name]
         params = rule_for(anchor, modules).gate_params(gm, anchor)
         key = (",".join(p for p, _ in params), gate.group_id)
         if key not in folded:
             folded.add(key)
             for qualname, pdim in params:
-                t = get_tensor(gm, qualname).detach()
+                path, _, name = qualname.rpartition(".")
+                t = getattr(modules[path], name).detach()
                 shape = [1] * t.dim()
                 shape[pdim] = -1
-                replace_tensor(gm, qualname, t * v.view(shape).to(t.dtype))
-        node.replace_all_uses_with(anchor)
-        gm.graph.erase_node(node)
-        if index is not None:
-            gm.graph.erase_node(index)
-    if hasattr(gm, GATE_ROOT):
-        delattr(gm, GATE_ROOT)
+                set_tensor(modules[path], name, t * v.view(shape).to(t.dtype))
+    return gm
 
 
 def _gated_name(gated: fx.GraphModule) -> dict[str, str]:
@@ -233,14 +236,22 @@ def _add_to_bias(gm: fx.GraphModule, layer: Layer, cols: np.ndarray, const: torc
 def _slice_params(gm: fx.GraphModule, cg: ChannelGraph, alive: Alive,
                   extra: dict[tuple[str, int], ParamSlice], created_biases: set[str]) -> None:
     owners = dict(gm.named_modules())  # one walk instead of a get_submodule per tensor
+    # the kept positions by survival mask: a layer's weight rows, bias and the norm after it
+    # (weight, bias, running statistics) share one, so each is computed once
+    positions: dict[bytes, torch.Tensor | None] = {}
 
     def select(qualname: str, dim: int, mask: np.ndarray) -> None:
         path, _, name = qualname.rpartition(".")
         owner = owners.get(path)
         t = getattr(owner, name, None) if owner is not None else None
-        if t is None or mask.all():  # gone with a dead branch, or nothing removed
+        if t is None:  # gone with a dead branch
             return
-        set_tensor(owner, name, t.detach().index_select(dim, torch.as_tensor(np.nonzero(mask)[0])))
+        key = mask.tobytes()
+        if key not in positions:
+            positions[key] = None if mask.all() else torch.as_tensor(np.flatnonzero(mask))
+        index = positions[key]
+        if index is not None:
+            set_tensor(owner, name, t.detach().index_select(dim, index))
 
     for (qualname, dim), ps in {**cg.param_slices, **extra}.items():
         select(qualname, dim, alive(ps.ids))
@@ -342,8 +353,7 @@ def finalize(
     decision = decision if decision is not None else held
     inputs = gated.meta["fxprune_example_inputs"]
     keep = {gid: mask.copy() for gid, mask in decision.keep.items()}
-    gm = structural_copy(gated)
-    _fold_gates(gm, held.scale)
+    gm = _folded_copy(gated, held.scale)
     plans = dead_branch_plans(gm, cg, keep)
     taps, known = _taps(gated, gm, cg, keep, plans)
     ref_out, recorded = record(gated, inputs, {name: tap for name, tap in taps.items() if name not in known})

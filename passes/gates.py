@@ -59,6 +59,13 @@ def gate_sites(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_gate(n)]
 
 
+def gate_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The gate nodes of a gated module and the nodes reading their unit indices: what a copy
+    without the gates leaves out (``structural_copy(..., bypass=...)``)."""
+    sites = gate_sites(gm)
+    return {*sites, *(n.args[1] for n in sites if n.args[1] is not None)}
+
+
 @gc_paused
 def insert_gates(
     gm: fx.GraphModule,
@@ -117,13 +124,7 @@ def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
 def strip_gates(gated: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gated`` without its gates (sharing its parameters): the traced model again.
     Raises nothing of its own; a module without gates comes back as a copy."""
-    plain = structural_copy(gated)
-    for node in gate_sites(plain):
-        anchor, index, _ = node.args
-        node.replace_all_uses_with(anchor)
-        plain.graph.erase_node(node)
-        if index is not None and not index.users:
-            plain.graph.erase_node(index)
+    plain = structural_copy(gated, bypass=gate_nodes(gated))
     if hasattr(plain, GATE_ROOT):
         delattr(plain, GATE_ROOT)
     return materialize(plain)

@@ -15,7 +15,7 @@ about as much as running the model, and a pass edits its working copy's graph fi
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.fx as fx
@@ -25,10 +25,13 @@ from fxprune.lazycode import lazy_graph_module
 from fxprune.modcopy import clone_tree, lazy_clone
 
 
-def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
+def structural_copy(gm: fx.GraphModule, bypass: Collection[fx.Node] = ()) -> fx.GraphModule:
     """A working copy of ``gm``: its own graph and modules, ``gm``'s parameters and buffers.
 
-    The copy writes its code when first run; call ``materialize`` before handing it out."""
+    Nodes in ``bypass`` are left out of the copy's graph, a use of one reading the node's first
+    argument instead (a gate's input): a pass that drops such nodes does not create them only to
+    erase them. The copy writes its code when first run; call ``materialize`` before handing it
+    out."""
     # gm's module tree already has the shape GraphModule.__init__ builds from a graph (plain
     # modules on the paths to its targets), so the clone is installed as it is and the graph set
     # afterwards: building from a graph walks every target's path with Module.__setattr__ and
@@ -46,19 +49,61 @@ def structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
                 out.register_buffer(node.target, value)  # as GraphModule.__init__ installs it
             else:
                 setattr(out, node.target, value)
-    out.graph = copy.deepcopy(gm.graph)
+    out.graph = _graph_copy(gm.graph, bypass) if bypass else copy.deepcopy(gm.graph)
     out._tracer_cls = gm._tracer_cls
     out.meta = dict(gm.meta)
     out.training = gm.training
     return out
 
 
+def _graph_copy(graph: fx.Graph, bypass: Collection[fx.Node]) -> fx.Graph:
+    """``copy.deepcopy(graph)`` without the ``bypass`` nodes. One that is used must have a node
+    as its first argument (else the lookup of its replacement fails loudly)."""
+    out = fx.Graph(tracer_cls=graph._tracer_cls)
+    out._codegen = copy.deepcopy(graph._codegen)  # as Graph.__deepcopy__ does
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node not in bypass:
+            env[node] = out.node_copy(node, env.__getitem__)
+        elif node.args and isinstance(node.args[0], fx.Node):
+            env[node] = env[node.args[0]]
+    return out
+
+
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` ready to hand out: submodules its graph no longer references are dropped, and its
     code is (re)written from the edited graph when it is first run."""
-    gm.delete_all_unused_submodules()
+    _drop_unused_modules(gm)
     gm.recompile()
     return gm
+
+
+def _drop_unused_modules(gm: fx.GraphModule) -> None:
+    """``GraphModule.delete_all_unused_submodules`` in one walk of the tree (it walks the subtree
+    of every called module, a sixth of a forward on mobilenet_v2): a submodule stays if the
+    graph calls it or a module under it, or reads an attribute under it."""
+    used: set[str] = set()
+    called: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
+            if node.op == "call_module":
+                called.add(node.target)
+            path = node.target
+            while path and path not in used:  # a path in ``used`` has its prefixes there too
+                used.add(path)
+                path = path.rpartition(".")[0]
+
+    def prune(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module._modules.items()):
+            path = prefix + name
+            if child is None or path in called:  # a called module keeps everything under it
+                continue
+            if path in used:
+                prune(child, path + ".")
+            else:
+                delattr(module, name)
+
+    prune(gm, "")
 
 
 def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:

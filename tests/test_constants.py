@@ -123,8 +123,7 @@ def test_torchvision_consumers_need_no_recording(name):
     assert_constants_hold(gated, cg, x)
     held = finalize_module.read_gates(gated, cg)
     keep = {gid: m.copy() for gid, m in held.keep.items()}
-    work = finalize_module.structural_copy(gated)
-    finalize_module._fold_gates(work, held.scale)
+    work = finalize_module._folded_copy(gated, held.scale)
     taps, known = finalize_module._taps(gated, work, cg, keep, [])
     unknown = set(taps) - set(known)
     assert len(unknown) <= (1 if name == "densenet121" else 0), unknown

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fxprune
 from fxprune.passes import FinalizeReport, finalize, insert_gates
+from fxprune.passes.sharing import structural_copy
 
 from helpers import assert_constants_hold
 
@@ -363,6 +364,9 @@ def test_random_gating_finalizes_equivalently(net, seed, dead_group):
             assert rep.kept[gid] == np.count_nonzero(v)
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in snapshot.items())
+    reference = structural_copy(fin)  # finalize drops unused modules as fx's own walk would
+    reference.delete_all_unused_submodules()
+    assert [n for n, _ in fin.named_modules()] == [n for n, _ in reference.named_modules()]
 
 
 @SETTINGS
