@@ -22,6 +22,10 @@ decaying into denormals or blowing up). Per model:
   the same process, interleaved with fxprune's runs (``pip install -r benchmarks/requirements.txt``;
   it is not a dependency of fxprune, and its columns are skipped when it does not import).
 
+Memory peaks of small models depend on glibc's dynamic mmap threshold (what earlier phases left
+in the heap); ``MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/zoo.py ...`` fixes it and makes
+them repeat (the children inherit the environment; the command line in the results shows it).
+
 A memory watchdog kills a model's process whose RSS passes ``--rss-limit-gb``, or when the
 machine's available memory falls under 1 GB, and records at what RSS and in which phase.
 
@@ -379,7 +383,12 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
         "with the traced, gated and finalized modules all kept alive; `held` = RSS above the baseline "
         "afterwards with all three still alive. `peak − forward` = (pipeline peak − forward) / P: "
         "issue 8's target `extra ≤ 2 P + one forward's activations` holds when it is ≤ 2. "
-        "`TP peak` = Torch-Pruning's peak above its own settled baseline, its model copy included.", "",
+        "`TP peak` = Torch-Pruning's peak above its own settled baseline, its model copy included. "
+        "With glibc's default allocator the small models' peaks move between runs (mobilenet_v2's "
+        "pipeline peak: 2.4-3.1 P over four runs of the same code), because glibc raises its mmap "
+        "threshold as large blocks are freed, so whether a phase's tensors get fresh pages depends on "
+        "what earlier phases left in its heap; `MALLOC_MMAP_THRESHOLD_=131072` in the environment "
+        "(a fixed threshold, shown in the command) makes them repeat to the 0.01 P.", "",
         "| model | params M | P MB | model RSS MB | forward (×P) | pipeline peak (×P) | peak − forward (×P) "
         "| held (×P) | trace / analyze / gates / finalize peak (×P) | TP peak (×P) | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -461,7 +470,9 @@ def main() -> None:
     names = select_models(args)
     limits = Limits(int(args.rss_limit_gb * GB), 1 * GB, args.timeout)
     info = machine()
-    config = {"command": " ".join(["python", "benchmarks/zoo.py", *sys.argv[1:]]), "models": names,
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # passed on to the children with the environment
+    prefix = [f"MALLOC_MMAP_THRESHOLD_={malloc}"] if malloc else []
+    config = {"command": " ".join([*prefix, "python", "benchmarks/zoo.py", *sys.argv[1:]]), "models": names,
               "size": args.size, "repeats": 0 if args.memory_only else args.repeats, "tp": args.tp,
               "gating": "uniform [0.25, 1.75), half of each group 0, seed 0",
               "rss_limit_gb": args.rss_limit_gb, "timeout_s": args.timeout}
