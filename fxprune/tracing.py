@@ -571,7 +571,7 @@ def _shape_only_output(module: torch.nn.Module, args: tuple[Any, ...], kwargs: d
         return x  # contiguous in, same shape, dtype and strides out
     if kind in _ADAPTIVE_POOLS:  # a meta run of these costs more than the real one
         return _adaptive_pool_zeros(module, x)
-    if kind in _POOLS:
+    if kind in _POOLS and not getattr(module, "return_indices", False):  # indices are data, not shape
         return _meta_zeros(module, x)
     return None
 
@@ -604,6 +604,8 @@ def _meta_zeros(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     try:
         out = fn(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
     except Exception:  # noqa: BLE001 - the real call reports it
+        return None
+    if not isinstance(out, torch.Tensor):
         return None
     return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=x.device).zero_()
 

@@ -588,6 +588,7 @@ def test_a_layer_that_does_not_fit_its_input_runs_for_real():
         assert _shape_only_output(layer, (x,), {}, True) is None
         with pytest.raises(RuntimeError):
             layer(x)
+    assert _shape_only_output(nn.MaxPool2d(2, return_indices=True), (x,), {}, True) is None  # indices are data
 
 
 def test_a_shape_read_from_conv_values_is_traced_from_real_values(monkeypatch):
