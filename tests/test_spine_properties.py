@@ -367,6 +367,9 @@ def test_random_gating_finalizes_equivalently(net, seed, dead_group):
     reference = structural_copy(fin)  # finalize drops unused modules as fx's own walk would
     reference.delete_all_unused_submodules()
     assert [n for n, _ in fin.named_modules()] == [n for n, _ in reference.named_modules()]
+    copied = structural_copy(gated).graph  # the copy's graph is what copy.deepcopy would give
+    assert copied.python_code("self").src == gated.graph.python_code("self").src
+    assert [n.meta for n in copied.nodes] == [n.meta for n in gated.graph.nodes]
 
 
 @SETTINGS
