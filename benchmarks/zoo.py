@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -342,29 +343,41 @@ def tp_table(rows: list[dict[str, Any]]) -> list[str]:
         "`tp.pruner.MagnitudePruner(model, x, importance=MagnitudeImportance(p=1), pruning_ratio=0.5, "
         "ignored_layers=[final classifier]).step()` on a deep copy (the copy is not timed; building "
         "the pruner is: its dependency graph is part of its cost as fxprune's trace + analyze are). "
-        "Torch-Pruning checks nothing afterwards. Medians of the timed runs; `speed-up` = "
-        "Torch-Pruning s / fxprune s (> 1: fxprune is faster); `wall`: the same in wall-clock time.", "",
+        "Torch-Pruning checks nothing afterwards. `fxprune s`, `Torch-Pruning s`: medians of the timed "
+        "runs; `speed-up` = the median over the repeats of Torch-Pruning s / fxprune s within one "
+        "repeat (> 1: fxprune is faster; each repeat runs both back to back, so drift of a shared "
+        "machine cancels within the pair, where a ratio of the two medians pairs runs minutes apart); "
+        "`wall`: the same in wall-clock time.", "",
         "| model | fxprune s | fxprune (fwd) | Torch-Pruning s | Torch-Pruning (fwd) | speed-up | wall | "
         "params M after: fxprune / TP | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in measured:
         fx_s = r.get("total_s")
-        ratio = r["tp_s"] / fx_s if fx_s and "tp_s" in r else None
-        wall = r["tp_wall_s"] / r["total_wall_s"] if "tp_wall_s" in r and r.get("total_wall_s") else None
+        ratio, wall = paired_speedup(r), paired_speedup(r, wall=True)
         after = " / ".join(fmt(r[k] / 1e6, ".2f") if k in r else "–" for k in ("params_after", "tp_params_after"))
         lines.append(f"| {r['model']} | {fmt(fx_s, '.3f')} | {per(r, 'total_s', 'forward_s', '.1f')} "
                      f"| {fmt(r.get('tp_s'), '.3f')} | {per(r, 'tp_s', 'forward_s', '.1f')} "
                      f"| {fmt(ratio, '.2f')} | {fmt(wall, '.2f')} | {after} | {r.get('tp_error', '').replace('|', '/')} |")
-    ratios = {r["model"]: r["tp_s"] / r["total_s"] for r in measured if "tp_s" in r and r.get("total_s")}
-    coded = {r["model"]: r["tp_s"] / (r["total_s"] + r["first_call_code_s"]) for r in measured
-             if "tp_s" in r and r.get("total_s") and "first_call_code_s" in r}
+    ratios = {r["model"]: paired_speedup(r) for r in measured if paired_speedup(r) is not None}
+    coded = {r["model"]: paired_speedup(r, code=r["first_call_code_s"]) for r in measured
+             if "first_call_code_s" in r and paired_speedup(r) is not None}
     if all(m in ratios for m in TP_MODELS):
         line = f"Geometric mean of the speed-up over {', '.join(TP_MODELS)}: **{gmean(ratios):.2f}x** "
         if all(m in coded for m in TP_MODELS):
             line += f"({gmean(coded):.2f}x counting the finalized module's first-call code, see Time) "
         lines += ["", line + "(issue 8's target: at least 2x)."]
     return lines
+
+
+def paired_speedup(r: dict[str, Any], code: float = 0.0, wall: bool = False) -> float | None:
+    """Median over the timed repeats of Torch-Pruning's time / fxprune's (plus ``code``, the
+    finalized module's first-call cost) in the same repeat; None without both series."""
+    fx_runs = r.get("total_wall_runs" if wall else "total_runs")
+    tp_runs = r.get("tp_wall_runs" if wall else "tp_runs")
+    if not fx_runs or not tp_runs or len(fx_runs) != len(tp_runs):
+        return None
+    return statistics.median(tp / (fx + code) for fx, tp in zip(fx_runs, tp_runs))
 
 
 def gmean(ratios: dict[str, float]) -> float:

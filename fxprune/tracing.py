@@ -553,12 +553,12 @@ def _shape_only_output(module: torch.nn.Module, args: tuple[Any, ...], kwargs: d
                        fake: bool) -> torch.Tensor | None:
     """The value of a leaf call that the trace does not compute, or None where it must run.
 
-    A conv or linear yields zeros in its output's shape and strides (from any input: its output
-    is fake either way). Given a ``fake`` input (only right in shape), a shape-preserving layer
-    (BatchNorm, activation, dropout) yields that input itself, and pooling yields zeros of its
-    output's shape. Another type, another call signature, a layout whose output layout is not
-    known for sure (see ``_row_major``), or an input the layer does not fit runs for real (which
-    then raises the real error)."""
+    A conv or linear yields zeros in its output's shape and strides, whether its input is real or
+    fake (its output is fake either way). Given a ``fake`` input (only right in shape), a
+    shape-preserving layer (BatchNorm, activation, dropout) yields that input itself, and pooling
+    yields zeros of its output's shape. Another type, another call signature, a layout whose
+    output layout is not known for sure (see ``_row_major``), or an input the layer does not fit
+    runs for real (which then raises the real error)."""
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     kind, x = type(module), args[0]
@@ -588,7 +588,7 @@ def _row_major(t: torch.Tensor) -> bool:
 
 
 def _adaptive_pool_zeros(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Zeros of an adaptive pool's output for a contiguous input (the output is contiguous)."""
+    """Zeros of an adaptive pool's output for a row-major input (the output is row-major)."""
     spatial = _ADAPTIVE_POOLS[type(module)]
     size = module.output_size
     sizes = (size,) * spatial if isinstance(size, int) else tuple(size)
