@@ -424,6 +424,20 @@ class ConcreteTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> ConcreteProxy:
         return ConcreteProxy(node, self)
 
+    def create_node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    name: str | None = None, type_expr: Any = None) -> fx.Node:
+        """fx's ``create_node`` with the arguments set once the node exists: ``Graph.create_node``
+        scans a new node's arguments for symbolic ints (pytree, a tenth of the node's cost), and a
+        concrete trace has none. Mutable-operation checks (off by default) see the arguments."""
+        if self.check_mutable_operations:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def _compute(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                  fake: bool = False) -> Any:
         """Run one op on the concrete values of its arguments (leaves in eval mode); ``fake``:
