@@ -439,7 +439,7 @@ class ConcreteTracer(fx.Tracer):
         return node
 
     def _compute(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 fake: bool = False) -> Any:
+                 fake: bool) -> Any:
         """Run one op on the concrete values of its arguments (leaves in eval mode); ``fake``:
         some argument is only right in shape."""
         a, k = map_aggregate(args, _value_of), map_aggregate(kwargs, _value_of)

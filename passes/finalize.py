@@ -49,8 +49,8 @@ from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, eliminate_dead_code, remove_dead_branches
 from fxprune.passes.constants import channel_constants
 from fxprune.decision import Decision
-from fxprune.passes.gates import GATE_ROOT, apply_decision, gate_nodes, gate_sites, read_gates
-from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, structural_copy, unshare
+from fxprune.passes.gates import apply_decision, gate_free_copy, gate_sites, read_gates
+from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, unshare
 from fxprune.passes.verify import Tap, record, verify_against
 
 Alive = Callable[[np.ndarray], np.ndarray]  # channel ids -> which survive (ChannelGraph.survivors)
@@ -72,9 +72,7 @@ class FinalizeReport:
 def _folded_copy(gated: fx.GraphModule, values: dict[int, torch.Tensor]) -> fx.GraphModule:
     """A working copy of ``gated`` without its gates, each gate's values multiplied into the
     parameters of the node it gates (the copy's graph is made without the gate nodes)."""
-    gm = structural_copy(gated, bypass=gate_nodes(gated))
-    if hasattr(gm, GATE_ROOT):
-        delattr(gm, GATE_ROOT)
+    gm = gate_free_copy(gated)
     modules = dict(gm.named_modules(remove_duplicate=False))  # every path a parameter may be named by
     nodes = {n.name: n for n in gm.graph.nodes}
     folded: set[tuple[str, int]] = set()

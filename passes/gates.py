@@ -59,11 +59,15 @@ def gate_sites(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_gate(n)]
 
 
-def gate_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """The gate nodes of a gated module and the nodes reading their unit indices: what a copy
-    without the gates leaves out (``structural_copy(..., bypass=...)``)."""
-    sites = gate_sites(gm)
-    return {*sites, *(n.args[1] for n in sites if n.args[1] is not None)}
+def gate_free_copy(gated: fx.GraphModule) -> fx.GraphModule:
+    """A working copy of ``gated`` (``structural_copy``: not yet materialized) without its gates:
+    its graph is made without the gate nodes and the nodes reading their unit indices, so each
+    gate's user reads the gated node, and the gate modules are dropped."""
+    sites = gate_sites(gated)
+    plain = structural_copy(gated, bypass={*sites, *(n.args[1] for n in sites if n.args[1] is not None)})
+    if hasattr(plain, GATE_ROOT):
+        delattr(plain, GATE_ROOT)
+    return plain
 
 
 @gc_paused
@@ -124,10 +128,7 @@ def read_gates(gated: fx.GraphModule, channel_graph: ChannelGraph) -> Decision:
 def strip_gates(gated: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gated`` without its gates (sharing its parameters): the traced model again.
     Raises nothing of its own; a module without gates comes back as a copy."""
-    plain = structural_copy(gated, bypass=gate_nodes(gated))
-    if hasattr(plain, GATE_ROOT):
-        delattr(plain, GATE_ROOT)
-    return materialize(plain)
+    return materialize(gate_free_copy(gated))
 
 
 def apply_decision(module: fx.GraphModule, channel_graph: ChannelGraph, decision: Decision) -> fx.GraphModule:
