@@ -359,9 +359,9 @@ def tp_table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['model']} | {fmt(fx_s, '.3f')} | {per(r, 'total_s', 'forward_s', '.1f')} "
                      f"| {fmt(r.get('tp_s'), '.3f')} | {per(r, 'tp_s', 'forward_s', '.1f')} "
                      f"| {fmt(ratio, '.2f')} | {fmt(wall, '.2f')} | {after} | {r.get('tp_error', '').replace('|', '/')} |")
-    ratios = {r["model"]: paired_speedup(r) for r in measured if paired_speedup(r) is not None}
-    coded = {r["model"]: paired_speedup(r, code=r["first_call_code_s"]) for r in measured
-             if "first_call_code_s" in r and paired_speedup(r) is not None}
+    ratios = {r["model"]: paired_speedup(r) for r in measured}
+    coded = {r["model"]: paired_speedup(r, code=r["first_call_code_s"]) for r in measured if "first_call_code_s" in r}
+    ratios, coded = ({m: v for m, v in d.items() if v is not None} for d in (ratios, coded))
     if all(m in ratios for m in TP_MODELS):
         line = f"Geometric mean of the speed-up over {', '.join(TP_MODELS)}: **{gmean(ratios):.2f}x** "
         if all(m in coded for m in TP_MODELS):
@@ -397,8 +397,8 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
         "afterwards with all three still alive. `peak − forward` = (pipeline peak − forward) / P: "
         "issue 8's target `extra ≤ 2 P + one forward's activations` holds when it is ≤ 2. "
         "`TP peak` = Torch-Pruning's peak above its own settled baseline, its model copy included. "
-        "With glibc's default allocator the small models' peaks move between runs (mobilenet_v2's "
-        "pipeline peak: 2.4-3.1 P over four runs of the same code), because glibc raises its mmap "
+        "With glibc's default allocator the small models' peaks move between runs of the same code "
+        "(mobilenet_v2's P is only 13 MB), because glibc raises its mmap "
         "threshold as large blocks are freed, so whether a phase's tensors get fresh pages depends on "
         "what earlier phases left in its heap; `MALLOC_MMAP_THRESHOLD_=131072` in the environment "
         "(a fixed threshold, shown in the command) makes them repeat to the 0.01 P.", "",
