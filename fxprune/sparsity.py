@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import BudgetError, ConfigError
+from fxprune.schedules import cubic  # noqa: F401  (the sparsity ramp; re-exported for the weight methods)
 from fxprune.ir import ChannelGraph, Layer
 
 SCOPES = ("global", "layer")
@@ -147,17 +148,6 @@ def nm_mask(score: torch.Tensor, n: int, m: int, dim: int, fraction: float = 1.0
         dense = ~_lowest(loss, int(round(fraction * groups.shape[0])))
         kept[dense] = True
     return kept.view(shape).movedim(-1, dim)
-
-
-def cubic(step: int, begin: int, end: int, final: float, initial: float = 0.0) -> float:
-    """The Zhu-Gupta ramp: ``initial`` before ``begin``, ``final`` from ``end`` on, and
-    s = final + (initial - final) * (1 - t)^3 between, t the position in [begin, end]. Raises nothing."""
-    if step >= end:
-        return final
-    if step <= begin:
-        return initial
-    t = (step - begin) / (end - begin)
-    return final + (initial - final) * (1 - t) ** 3
 
 
 # ---- lookahead (LAP) ---------------------------------------------------------------------------
