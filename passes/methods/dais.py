@@ -54,6 +54,7 @@ from fxprune.ir import ChannelGroup
 from fxprune.method import Context, register_method
 from fxprune.passes.gates import Gate
 from fxprune.passes.methods.gated import GateMethod, round_down
+from fxprune.schedules import AdaptiveWeight
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,16 @@ class DAIS(GateMethod):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.alpha_opt: torch.optim.Adam | None = None
-        self.lam = self.options.lam
+        self.lam_weight: AdaptiveWeight | None = None  # lam's schedule, made once total_steps is known
         o = self.options
         if not 0 < o.t_end <= 1 or not 0 < o.indicator_split < 1:
             raise ConfigError(f"method 'dais': need 0 < t_end <= 1 and 0 < indicator_split < 1, got t_end={o.t_end}, "
                               f"indicator_split={o.indicator_split}")
+
+    @property
+    def lam(self) -> float:
+        """The FLOPs regularizer's current weight (``options.lam`` before ``prepare``; lam=0: off)."""
+        return self.lam_weight.value if self.lam_weight is not None else self.options.lam
 
     def make_gate(self, group: ChannelGroup) -> Gate:
         return DAISGate(group.size, group.id, self.options.init)
@@ -113,7 +119,10 @@ class DAIS(GateMethod):
 
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
-        self.alpha_opt = torch.optim.Adam(self.parameters(ctx), lr=self.options.alpha_lr)
+        o = self.options
+        self.alpha_opt = torch.optim.Adam(self.parameters(ctx), lr=o.alpha_lr)
+        if o.lam > 0:  # never below its start
+            self.lam_weight = AdaptiveWeight(o.lam, o.lam_rate, ctx.total_steps)
         self._anneal(ctx)
 
     def _anneal(self, ctx: Context) -> None:
@@ -167,9 +176,9 @@ class DAIS(GateMethod):
         """Anneal T; grow lam while the binarized indicators cost more than the budget (shrink it
         back towards its start otherwise)."""
         self._anneal(ctx)
-        keep = {gid: v > 0.5 for gid, v in self.indicators().items()}
-        factor = (1 + self.options.lam_rate) ** (100 / ctx.total_steps)
-        self.lam = self.lam * factor if not ctx.targets.met(ctx.cost, keep) else max(self.options.lam, self.lam / factor)
+        if self.lam_weight is not None:
+            keep = {gid: v > 0.5 for gid, v in self.indicators().items()}
+            self.lam_weight.update(grow=not ctx.targets.met(ctx.cost, keep))
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha_opt": self.alpha_opt.state_dict(), "lam": self.lam} if self.alpha_opt is not None else {}
@@ -177,7 +186,8 @@ class DAIS(GateMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.alpha_opt.load_state_dict(state["alpha_opt"])
-            self.lam = float(state["lam"])
+            if self.lam_weight is not None:
+                self.lam_weight.value = float(state["lam"])
 
     def indicators(self) -> dict[int, np.ndarray]:
         with torch.no_grad():

@@ -70,6 +70,7 @@ from fxprune.decision import Decision
 from fxprune.method import Context, register_method
 from fxprune.passes.gates import Gate
 from fxprune.passes.methods.gated import GateMethod, round_down
+from fxprune.schedules import AdaptiveWeight, linear_path, progress
 
 
 class GDPGate(Gate):
@@ -116,13 +117,22 @@ class GDP(GateMethod):
             raise ConfigError(f"gdp penalty must be 'flops' or 'uniform', got {self.options.penalty!r}")
         if not 0.0 < self.options.init < 1.0:
             raise ConfigError(f"gdp init is the gates' starting value and must be in (0, 1), got {self.options.init!r}")
-        self.lam = self.options.lam
+        self.lam_weight: AdaptiveWeight | None = None  # lam's schedule, made once total_steps is known
         self.met_at: int | None = None  # the step at which the hard FLOPs first met the budget
         self.bypassed: set[int] = set()
 
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)
+        # lam shrinks freely once on the path (floor 0): the penalty eases off as far as the task needs;
+        # lam=0 switches the penalty off for good
+        o = self.options
+        self.lam_weight = AdaptiveWeight(o.lam, o.lam_rate, ctx.total_steps, floor=0.0) if o.lam > 0 else None
         self.bypassed = bypassed_groups(ctx.traced, ctx.graph) if self.options.block_removal else set()
+
+    @property
+    def lam(self) -> float:
+        """The penalty's current weight (``options.lam`` before ``prepare``)."""
+        return self.lam_weight.value if self.lam_weight is not None else self.options.lam
 
     def make_gate(self, group) -> Gate:
         o = self.options  # x where g(x) = init: there dg/dx is large enough for the penalty to act
@@ -155,10 +165,9 @@ class GDP(GateMethod):
         """The limits allowed now: from dense at the end of the warm-up down to the budget
         ``search`` of the training later, linearly."""
         o = self.options
-        done = (ctx.step - o.warmup * ctx.total_steps) / max(o.search * ctx.total_steps, 1.0)
-        done = min(max(done, 0.0), 1.0)
+        done = progress(ctx.step, o.warmup * ctx.total_steps, o.search * ctx.total_steps)
         t = ctx.targets
-        return replace(t, limits={k: int(t.dense[k] - (t.dense[k] - v) * done) for k, v in t.limits.items()})
+        return replace(t, limits={k: int(linear_path(t.dense[k], v, done)) for k, v in t.limits.items()})
 
     def after_step(self, ctx: Context) -> None:
         """Warm-up, then search (lam steers the hard cost along ``path`` until the budget is met),
@@ -172,11 +181,10 @@ class GDP(GateMethod):
             keep = self.hard_keep()
             if self.met_at is None and ctx.targets.met(ctx.cost, keep):
                 self.met_at = ctx.step
-            factor = (1 + o.lam_rate) ** (100 / ctx.total_steps)
-            push = self.met_at is None and not path.met(ctx.cost, keep)
-            self.lam = self.lam * factor if push else self.lam / factor
+            if self.lam_weight is not None:
+                self.lam_weight.update(grow=self.met_at is None and not path.met(ctx.cost, keep))
             if self.met_at is not None:
-                t = min((ctx.step - self.met_at) / max(ctx.total_steps - self.met_at, 1), 1.0)
+                t = progress(ctx.step, self.met_at, ctx.total_steps - self.met_at)
                 eps = o.eps_start * (o.eps_end / o.eps_start) ** t
                 for gate in self.gates.values():
                     gate.eps.fill_(eps)
@@ -241,4 +249,6 @@ class GDP(GateMethod):
         return {"lam": self.lam, "met_at": self.met_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lam, self.met_at = float(state["lam"]), state["met_at"]
+        if self.lam_weight is not None:
+            self.lam_weight.value = float(state["lam"])
+        self.met_at = state["met_at"]
