@@ -24,6 +24,7 @@ from fxprune.errors import BudgetError, ConfigError, EquivalenceError, FxpruneWa
 from fxprune.ir import ChannelGraph
 from fxprune.modcopy import copy_module
 from fxprune.method import METHODS, Context, Method
+from fxprune.passes.bnstats import BNStatsReport, reestimate
 from fxprune.passes.compensate import CompensationReport
 from fxprune.passes.compensate import compensate as compensate_pass
 from fxprune.passes.finalize import FinalizeReport
@@ -86,6 +87,7 @@ class Prepared:
     budget: Budget | None = None
     latency_model: Any = None  # a latency budget's fxprune.flow.latency_model.LatencyModel
     latency: dict[str, Any] | None = None  # a latency budget: target, predicted and measured, per attempt
+    bn_stats: BNStatsReport | None = None  # finalize's BatchNorm re-estimation: norms reset, batches read
 
     @property
     def module(self) -> fx.GraphModule:
@@ -203,7 +205,7 @@ def prepare(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
 
 
 def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensate: bool | dict[str, Any] = False,
-             progress: bool = False) -> fx.GraphModule:
+             progress: bool = False, bn_recalibration: int = 0) -> fx.GraphModule:
     """Let the method decide (``data``: a calibration loader for data-driven methods), then
     remove the pruned channels for real. ``compensate=True`` first refits the consumers of removed
     channels to the unpruned module's outputs on ``data`` (``fxprune.passes.compensate``; a dict
@@ -213,14 +215,19 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
     tracing it, its parameters counted; under a sparsity budget its zero weights, globally, per
     layer or per N:M group), meets the budget. ``prepared.measured`` (and ``prepared.sparsity``)
     hold what was counted. A weight method's masks are baked into the weights: the result is a
-    plain module, no parametrization left. Raises ``EquivalenceError`` (the finalized module computes something else),
+    plain module, no parametrization left. ``bn_recalibration=N`` (batches, 0: off) then re-estimates
+    every BatchNorm's running statistics on the first N batches of ``data``
+    (``fxprune.passes.bnstats``): after the equivalence check, since it changes the outputs on
+    purpose (the dense statistics are stale once channels left); ``prepared.bn_stats`` says what
+    it read. Raises ``EquivalenceError`` (the finalized module computes something else),
     ``BudgetError`` (a decision above the budget, or units finalize had to keep because removed
     channels feed them constants), ``ConfigError`` (not a ``Prepared``; a decision that does not
-    fit the channel graph).
+    fit the channel graph; ``bn_recalibration`` not an int >= 0, or > 0 without ``data``).
     """
     if not isinstance(prepared, Prepared):
         raise ConfigError(f"fxprune.finalize expects what fxprune.prepare returned, got {type(prepared).__name__}; "
                           "for a traced module and a Decision use fxprune.passes.finalize(gm, graph, decision)")
+    _check_bn_recalibration(bn_recalibration, data, "fxprune.finalize", "data=<a calibration loader>")
     model = _finalize_once(prepared, data, rtol, compensate, progress)
     if prepared.targets.backend is not None and "latency" in prepared.targets.limits:
         model = _meet_latency(prepared, model, data, rtol, compensate, progress)
@@ -231,7 +238,23 @@ def finalize(prepared: Prepared, data: Any = None, rtol: float = 1e-4, compensat
                           "over all layers emptied them): what follows sees only biases. Use Budget(scope='layer') or "
                           "a lower sparsity, or keep such layers dense (dense_ends=True for the first and last)",
                           FxpruneWarning, stacklevel=2)
+    if bn_recalibration:
+        _recalibrate(prepared, model, data, bn_recalibration)
     return model
+
+
+def _check_bn_recalibration(batches: Any, data: Any, where: str, pass_data: str) -> None:
+    """``bn_recalibration`` is a number of batches (0: off) and needs data to read them from."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ConfigError(f"{where}: bn_recalibration is a number of calibration batches (0: off), got {batches!r}")
+    if batches and data is None:
+        raise ConfigError(f"{where}: bn_recalibration={batches} re-estimates BatchNorm statistics on calibration "
+                          f"batches: pass {pass_data}, or bn_recalibration=0")
+
+
+def _recalibrate(prepared: Prepared, model: torch.nn.Module, data: Any, batches: int) -> None:
+    """Re-estimate the finalized model's BatchNorm statistics in place; the report goes to ``prepared.bn_stats``."""
+    prepared.bn_stats = reestimate(model, data, batches, where="the calibration data of bn_recalibration")
 
 
 def _finalize_once(prepared: Prepared, data: Any, rtol: float, compensate: bool | dict[str, Any],
@@ -335,6 +358,7 @@ class CompileReport:
     leaves: dict[str, str] = field(default_factory=dict)  # submodules tracing kept opaque, and why
     sparsity: dict[str, Any] | None = None  # a weight budget: zeros per layer and overall, non-zero MACs, bytes
     latency_budget: dict[str, Any] | None = None  # a latency budget: target, predicted, measured, the predictor
+    bn_recalibration: dict[str, int] | None = None  # BatchNorm re-estimation after finalize: norms, batches read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -376,6 +400,9 @@ class CompileReport:
                          f"{lb['predicted_ms']:.3f} ms, measured {lb['measured_ms']:.3f} ms = {lb['ratio']:.1%} of dense "
                          f"{lb['dense_ms']:.3f} ms ({len(lb['attempts'])} decision(s); predictor error "
                          f"{lb['predictor_mape']:.1f}%)")
+        if self.bn_recalibration:
+            b = self.bn_recalibration
+            lines.append(f"BatchNorm re-estimation: {b['norms']} norms on {b['batches']} calibration batches")
         for k, v in self.accuracy.items():
             if v is not None:
                 lines.append(f"accuracy ({k}) {v:.4f}")
@@ -416,7 +443,8 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
             method_options: dict[str, Any] | None = None, calib_loader=None,
             loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
             output: Callable[[Any], Any] | None = None, compensate: bool | dict[str, Any] = False,
-            finetune_lop: bool | dict[str, Any] = False, latency_model: dict[str, Any] | None = None) -> CompileResult:
+            finetune_lop: bool | dict[str, Any] = False, latency_model: dict[str, Any] | None = None,
+            bn_recalibration: int = 0) -> CompileResult:
     """Prune ``model`` to ``budget`` with ``method``; the user's model is left untouched.
 
     Phases: prepare (trace, analyze, the method's gates if any); train ``epochs`` with the
@@ -431,7 +459,10 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     conv/linear a product of two) and collapses it back to the pruned shape, checked. Under a
     latency budget, ``latency_model`` passes options to the predictor's build (see ``prepare``);
     the pruned model is measured on the budget's backend and ``report.latency_budget`` holds the
-    target, the prediction and the measurement.
+    target, the prediction and the measurement. ``bn_recalibration=N`` re-estimates the pruned
+    model's BatchNorm statistics on N calibration batches after finalize (see ``finalize``);
+    fine-tuning starts from it, ``report.accuracy`` has ``pruned`` (raw) and ``pruned_bn``
+    (re-estimated) and ``report.bn_recalibration`` the norms and batches read.
 
     Everything that can be checked is checked before the long work: the arguments, the
     backends named in ``validate`` (``BackendUnavailable``), the model and inputs (see
@@ -457,6 +488,7 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     calib = calib_loader if calib_loader is not None else train_loader
     if compensate and calib is None:
         raise ConfigError("compensate=True refits layers on calibration data: pass calib_loader=... (or train_loader)")
+    _check_bn_recalibration(bn_recalibration, calib, "fxprune.compile", "calib_loader=... (or train_loader)")
     if finetune_lop and budget.weights:
         raise ConfigError("finetune_lop=True multiplies each layer out of two dense factors, which would fill a sparse "
                           "model's zeros; fine-tune a sparsity budget's model without it")
@@ -496,6 +528,11 @@ def compile(model: torch.nn.Module, method: str | Method = "gdp", budget: Budget
     pruned = finalize(prepared, data=calib, compensate=compensate, progress=progress)
     seconds["finalize"] = time.perf_counter() - t
     acc["pruned"] = _accuracy(pruned, eval_loader, output)
+    if bn_recalibration:
+        t = time.perf_counter()
+        _recalibrate(prepared, pruned, calib, bn_recalibration)
+        seconds["bn_recalibration"] = time.perf_counter() - t
+        acc["pruned_bn"] = _accuracy(pruned, eval_loader, output)
     if finetune_epochs > 0:
         t = time.perf_counter()
         work = lop.expand(pruned, **(finetune_lop if isinstance(finetune_lop, dict) else {})) if finetune_lop else pruned
@@ -570,6 +607,7 @@ def _report(model, pruned, prepared: Prepared, m: Method, budget: Budget, acc, s
         sparsity=asdict(prepared.sparsity) if prepared.sparsity is not None else None,
         latency_budget=dict(prepared.latency, predictor=prepared.latency_model.to_dict()) if prepared.latency else None,
         leaves=dict(prepared.ctx.leaf_modules),
+        bn_recalibration=asdict(prepared.bn_stats) if prepared.bn_stats is not None else None,
         budget=budget.to_dict(),
         flops_unit="multiply-accumulates (MACs) of conv and linear layers per example",
         dense={"flops": prepared.targets.dense_macs, "params": dense_params},
