@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from fxprune.errors import ConfigError
 
-__all__ = ["BasicBlock", "CifarResNet", "CifarVGG", "REFERENCE_MODELS", "build_model",
-           "resnet20", "resnet56", "vgg11_bn", "vgg16_bn"]
+__all__ = ["BasicBlock", "CifarResNet", "CifarVGG", "REFERENCE_MODELS", "SmallVGG", "build_model",
+           "resnet20", "resnet56", "vgg8", "vgg11_bn", "vgg16_bn"]
 
 
 def _kaiming_init(model: nn.Module) -> None:
@@ -134,6 +134,39 @@ class CifarVGG(nn.Module):
         return self.classifier(self.flatten(self.features(x)))
 
 
+class SmallVGG(nn.Module):
+    """VGG-8: three stages of two conv-BN-ReLU (32/64/128 channels) with a 2x2 max-pool after each,
+    a global average pool, then linear 128 -> 128, ReLU, linear -> classes (about 0.3M parameters).
+
+    The plain (residual-free) kind of network functionality-oriented pruning was shown on (VGG on
+    CIFAR-10), small enough to train on this machine's CPUs; the global pool makes any input side
+    >= 8 work (three pools), so 16x16 and 32x32 digits both fit.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.classifier = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, num_classes))
+        _kaiming_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+def vgg8(num_classes: int = 10, in_channels: int = 3) -> SmallVGG:
+    """CIFAR-style VGG-8 with batch norm: six convs, two linears (about 0.31M parameters)."""
+    return SmallVGG(num_classes, in_channels)
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """CIFAR ResNet-20 (about 0.27M parameters)."""
     return CifarResNet(3, num_classes, in_channels)
@@ -157,6 +190,7 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> CifarVGG:
 REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet56": resnet56,
+    "vgg8": vgg8,
     "vgg11_bn": vgg11_bn,
     "vgg16_bn": vgg16_bn,
 }

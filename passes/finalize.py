@@ -48,7 +48,7 @@ from fxprune.rules import Rewrite, rule_for
 from fxprune.rules.base import REGISTRY
 from fxprune.passes.branches import dead_branch_plans, eliminate_dead_code, remove_dead_branches
 from fxprune.passes.constants import channel_constants
-from fxprune.decision import Decision
+from fxprune.decision import Decision, merge_consumers
 from fxprune.passes.gates import apply_decision, gate_free_copy, gate_sites, read_gates
 from fxprune.passes.sharing import get_tensor, materialize, replace_tensor, set_tensor, unshare
 from fxprune.passes.verify import Tap, record, verify_against
@@ -327,7 +327,8 @@ def finalize(
     check: bool = True,
     report: FinalizeReport | None = None,
 ) -> fx.GraphModule:
-    """Carry out ``decision`` for real: remove its removed units, fold its scales.
+    """Carry out ``decision`` for real: remove its removed units, fold its scales, merge its merged
+    units' consumer columns into their representatives (``fxprune.decision.merge_consumers``).
 
     Without a decision, ``module`` is a gated module and its gates are the decision (units at
     exactly 0 go, the other values are folded). The result is checked against the module that
@@ -347,6 +348,8 @@ def finalize(
     if decision is not None:
         decision = decision.complete(cg)
     gated = module if decision is None else apply_decision(module, cg, decision)
+    if decision is not None and decision.merge:  # the reference computes the merged decision
+        merge_consumers(gated, cg, decision)
     held = read_gates(gated, cg)  # the reference's gate values: what is folded
     decision = decision if decision is not None else held
     inputs = gated.meta["fxprune_example_inputs"]
