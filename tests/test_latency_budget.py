@@ -231,64 +231,6 @@ def _train_steps(prepared, steps: int) -> torch.optim.Optimizer:
     return opt
 
 
-def test_wgates_resumes_mid_training():
-    def setup():
-        prepared = fxprune.prepare(small_net(), "wgates", fxprune.Budget(flops=0.5), X, total_steps=12)
-        prepared.module.train()
-        return prepared, torch.optim.SGD([{"params": prepared.model_parameters()},
-                                          {"params": prepared.method_parameters(), "lr": 0.2}], lr=0.05, momentum=0.9)
-
-    resumed_equals_uninterrupted(setup, _batches(12), cut=5)
-
-
-def test_wgates_gate_is_a_function_of_the_weights():
-    prepared = fxprune.prepare(small_net(), "wgates", fxprune.Budget(flops=0.5), X, total_steps=20)
-    _train_steps(prepared, 6)
-    gate = prepared.method.gates[next(iter(prepared.method.gates))]
-    param, _, units = gate.filters[0]
-    before = gate.scores().detach().clone()
-    with torch.no_grad():
-        first = int(units[0])
-        saved = param[first].clone()
-        param[first].normal_(0, 3.0)
-    after = gate.scores().detach()
-    with torch.no_grad():
-        param[first].copy_(saved)
-    assert (after[first] - before[first]).abs() > 1e-4  # the changed filter's gate score moved
-    values = gate.values()
-    assert set(values.detach().unique().tolist()) <= {0.0, 1.0}  # binary in the forward pass
-    values.sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.nets.parameters())  # straight-through
-
-
-def test_wgates_meets_the_budget_exactly_after_finalize():
-    prepared = fxprune.prepare(small_net(), "wgates", fxprune.Budget(flops=0.4), X, total_steps=20)
-    _train_steps(prepared, 20)
-    pruned = fxprune.finalize(prepared)
-    assert prepared.measured["macs"] <= prepared.targets.macs
-    assert count_macs(pruned, X) == prepared.measured["macs"]
-
-
-def test_wgates_never_cuts_below_the_path_and_fills_the_budget():
-    """Gates that all want to close: training holds the best ones open at T(t), and decide
-    lands just under the budget (not at the one unit per group the closed gates ask for)."""
-    prepared = fxprune.prepare(small_net(), "wgates", fxprune.Budget(flops=0.4), X, total_steps=10)
-    method, ctx = prepared.method, prepared.ctx
-    with torch.no_grad():
-        for g in method.gates.values():
-            g.weight.sub_(100.0)  # every score negative: every gate would close
-    ctx.step = 4  # past warm-up, on the path: T(t) between dense and the budget
-    method.after_step(ctx)
-    keep = {gid: (g.values() > 0).detach().numpy() for gid, g in method.gates.items()}
-    allowed, macs = method.allowed(ctx), ctx.cost.macs(keep)
-    assert prepared.targets.macs < allowed < prepared.targets.dense_macs
-    assert allowed * 0.9 < macs <= allowed  # held open at the path, not emptied
-    decided = method.decide(ctx).keep
-    assert 0.9 * prepared.targets.macs < ctx.cost.macs(decided) <= prepared.targets.macs
-    pruned = fxprune.finalize(prepared)
-    assert count_macs(pruned, X) <= prepared.targets.macs
-
-
 # ---- CUDA (skipped with the reason where there is no GPU) -------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=registry.BACKENDS["torch-cuda"].unavailable() or "")
 
