@@ -721,6 +721,22 @@ def _describe(exc: BaseException, stack: list[traceback.FrameSummary] | None = N
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
 
 
+_DETECTION_CODE = ("/torchvision/models/detection/", "/torchvision/ops/")
+
+
+def _remedy(exc: BaseException) -> str:
+    """What to do about an untraceable root forward, by the class of model it belongs to."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(part in f.filename for f in frames for part in _DETECTION_CODE):
+        return ("This is a whole detector: its root forward post-processes detections on tensor values "
+                "(score top-k, NMS, box decoding) or passes objects such as ImageList between submodules, "
+                "which fxprune does not capture yet. Prune its backbone with the FPN instead, "
+                "e.g. fxprune.compile(model.backbone, ..., example_inputs=(torch.randn(1, 3, H, W),)): "
+                "the heads keep reading the backbone's outputs, whose widths the FPN's own convs fix.")
+    return ("Make that forward free of Python control flow on tensor values (control flow on shapes is "
+            "fine), or move the offending code into a submodule (it then becomes an opaque leaf).")
+
+
 def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], shape_only: bool) -> tuple[fx.GraphModule, dict[str, str]]:
     tracer = ConcreteTracer(example_inputs, shape_only)
     graph = tracer.trace(model)
@@ -788,12 +804,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModu
             "inputs' shapes and number."
         ) from exc
     except (Exception, DataDependentControlFlow) as exc:  # the root forward itself cannot be traced
-        raise TraceError(
-            f"fxprune cannot trace the forward of {name} (the root module): {_describe(exc)}. "
-            "Make that forward free of Python control flow on tensor values (control flow on "
-            "shapes is fine), or move the offending code into a submodule (it then becomes an "
-            "opaque leaf)."
-        ) from exc
+        raise TraceError(f"fxprune cannot trace the forward of {name} (the root module): {_describe(exc)}. "
+                         f"{_remedy(exc)}") from exc
     gm.meta["fxprune_example_inputs"] = tuple(
         x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs
     )

@@ -216,6 +216,43 @@ def test_numpy_of_tensor_values_makes_the_submodule_a_leaf():
         assert torch.equal(gm(x), model(x))
 
 
+class ListOfImages(nn.Module):
+    """A detector's calling convention: a list of images in, a list of dicts out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, images: list[torch.Tensor]):
+        out = self.head(self.body(torch.stack(list(images))))
+        return [{"scores": o.mean((1, 2))} for o in out]
+
+
+def test_a_list_of_image_tensors_is_one_input_and_prunes():
+    torch.manual_seed(0)
+    model = ListOfImages().eval()
+    images = [torch.randn(3, 12, 12), torch.randn(3, 12, 12)]
+    gm = fxprune.trace(model, (images,))
+    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
+    res = prune_and_check(model, images, gm)
+    with torch.no_grad():
+        out = res["fin"](images)
+    assert [list(d) for d in out] == [["scores"], ["scores"]]
+    with pytest.raises(fxprune.ConfigError, match=r"example_inputs\[0\]\[1\]"):
+        fxprune.trace(model, ([images[0], torch.full((3, 12, 12), float("nan"))],))
+
+
+def test_a_whole_detector_is_refused_with_its_class_and_remedy():
+    tv_detection = pytest.importorskip("torchvision.models.detection")
+    model = tv_detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.trace(model, ([torch.rand(3, 64, 64)],))
+    msg = str(info.value)
+    assert "whole detector" in msg and "model.backbone" in msg and "NMS" in msg
+
+
 # ---- value-dependent control flow --------------------------------------------------------------------
 def test_value_dependent_submodules_become_leaves_with_reasons():
     model, x = build(rw.ShapeAndValueBranches, 16)
