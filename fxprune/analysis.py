@@ -173,7 +173,10 @@ class Walk:
         self.layers.append(layer)
 
     def add_site(self, node: str, dim: int, ids: np.ndarray) -> None:
-        self.sites.append((node, dim, ids))
+        """Gate ``node``'s output along ``dim`` (a producer, or a stored tensor added into the
+        channels); a node already gated there is not gated twice."""
+        if not any(n == node and d == dim for n, d, _ in self.sites):
+            self.sites.append((node, dim, ids))
 
     # ---- helpers shared by several rules ---------------------------------------------------
     def channel_map(self, node: fx.Node, x: Any, dim: int = 1) -> ChannelMap | None:

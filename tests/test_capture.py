@@ -253,6 +253,49 @@ def test_a_whole_detector_is_refused_with_its_class_and_remedy():
     assert "whole detector" in msg and "model.backbone" in msg and "NMS" in msg
 
 
+class TokenNet(nn.Module):
+    """A ViT's embedding: patch tokens, a class token expanded to the batch and concatenated, a
+    position embedding added; a residual MLP; the head reads the class token."""
+
+    def __init__(self, dim: int = 16, literal_expand: bool = False) -> None:
+        super().__init__()
+        self.patch, self.bn = nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim))
+        self.fc1, self.fc2, self.head = nn.Linear(dim, 32), nn.Linear(32, dim), nn.Linear(dim, 10)
+        self.literal_expand = literal_expand
+
+    def forward(self, x):
+        t = self.bn(self.patch(x)).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(t.shape[0], 1, 16) if self.literal_expand else self.cls_token.expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], 1) + self.pos_embed
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_token_and_position_embedding_are_sliced_and_gated_with_the_embedding(seed):
+    model, x = build(TokenNet, 16)
+    cg = fxprune.analyze(fxprune.trace(model, (x,)))
+    stream = next(g for g in cg.groups if g.size == 16)
+    assert stream.prunable, stream.reason
+    gated_at = {s.node for s in stream.sites}
+    assert {"cls_token", "pos_embed"} <= gated_at  # additive joins are gated, so removed channels are 0
+    res = prune_and_check(model, x, seed=seed)
+    kept = res["report"].kept[next(g.id for g in res["cg"].groups if g.size == 16)]
+    assert res["fin"].cls_token.shape == (1, 1, kept) and res["fin"].pos_embed.shape == (1, 17, kept)
+    x2 = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_diff(res["fin"](x2), res["gated"](x2)) <= 10 * RTOL
+
+
+def test_a_class_token_expanded_to_a_literal_width_blocks_the_embedding():
+    model, x = build(lambda: TokenNet(literal_expand=True), 16)
+    cg = fxprune.analyze(fxprune.trace(model, (x,)))
+    stream = next(g for g in cg.groups if g.size == 16)
+    assert not stream.prunable and "untracked tensor 'expand'" in stream.reason
+
+
 # ---- value-dependent control flow --------------------------------------------------------------------
 def test_value_dependent_submodules_become_leaves_with_reasons():
     model, x = build(rw.ShapeAndValueBranches, 16)

@@ -57,11 +57,64 @@ def couple_operands(walk: "Walk", node: fx.Node, operands: list[Any]) -> Any:
         shift = out_ndim - len(shape)
         if all((shape[d - shift] if d - shift >= 0 else 1) == 1 for d in dims):
             continue  # broadcast along the channels
-        if o.op == "get_attr" and len(dims) == 1:
-            walk.bind(o.target, dims[0] - shift, base.ids, where)
+        stored = stored_source(walk, o, dims[0] - shift) if len(dims) == 1 else None
+        if stored is not None:
+            source, pdim = stored
+            walk.bind(source.target, pdim, base.ids, where)
+            if not _zero_preserving(node, o):  # x + pos_embed, cat([cls_token, x]): a removed
+                walk.add_site(source.name, pdim, base.ids)  # channel is zero only if it is gated too
         else:
             walk.block(base, f"{where} combines channels with untracked tensor '{o.name}'")
     return ChannelMap(dims, base.ids)
+
+
+_SAME_LAYOUT_METHODS = ("to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone",
+                        "detach")
+_EXPAND_METHODS = ("expand", "expand_as", "broadcast_to")
+
+
+def _zero_preserving(node: fx.Node, operand: fx.Node) -> bool:
+    """A zero channel of the other operands stays zero whatever ``operand`` holds: a product, or
+    a quotient with ``operand`` as the divisor."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = name.strip("_").removeprefix("i")
+    return name == "mul" or (name in ("div", "truediv") and node.args and node.args[0] is not operand)
+
+
+def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
+    """The parameter/buffer (its get_attr node) and its dim that dim ``dim`` of ``node`` reads one to one, through
+    casts, copies, ``unsqueeze`` and expansions that keep that dim (a ViT's class token,
+    ``cls_token.expand(B, -1, -1)``, joins the embedding channels): slicing it slices ``node``.
+    None when ``node`` is computed otherwise, or an expansion names that dim's size (-1 keeps
+    it; a literal size would not follow the pruned width)."""
+    while node.op != "get_attr":
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        src = node.args[0]
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op not in ("call_method", "call_function"):
+            return None
+        if name in _SAME_LAYOUT_METHODS and node.op == "call_method":
+            node = src
+            continue
+        if name == "unsqueeze":
+            at = arg(node, 1, "dim") % len(walk.meta(node).shape)
+            if at == dim:
+                return None
+            dim, node = dim - (dim > at), src
+            continue
+        if name in _EXPAND_METHODS:
+            shift = len(walk.meta(node).shape) - len(walk.meta(src).shape)
+            sizes = node.args[1:] if name == "expand" else ()
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = tuple(sizes[0])
+            if dim < shift or walk.meta(src).shape[dim - shift] != walk.meta(node).shape[dim] or (
+                    name == "expand" and sizes[dim] != -1) or name == "broadcast_to":
+                return None
+            dim, node = dim - shift, src
+            continue
+        return None
+    return node, dim
 
 
 def _elementwise(walk: "Walk", node: fx.Node) -> Any:
