@@ -11,7 +11,7 @@ from fxprune.rules.base import REGISTRY
 MODULES = ["fxprune.tracing", "fxprune.analysis", "fxprune.scores", "fxprune.rules.base", "fxprune.passes.finalize",
            "fxprune.passes.compensate", "fxprune.passes.lop", "fxprune.passes.masks", "fxprune.lpnet",
            "fxprune.passes.constants", "fxprune.passes.verify", "fxprune.lazycode", "fxprune.gcpause", "fxprune.schedules",
-           "fxprune.passes.bnstats"]
+           "fxprune.passes.bnstats", "fxprune.rules.einsum"]
 
 
 @pytest.mark.parametrize("name", MODULES)

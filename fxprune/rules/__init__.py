@@ -3,7 +3,7 @@
 Importing this package registers fxprune's own rules; ``register_op`` adds a user's, and
 ``per_channel`` / ``elementwise`` build the rules most custom layers need.
 """
-from fxprune.rules import combine, movement, norms, pointwise, producers, shapes  # noqa: F401 (registration)
+from fxprune.rules import combine, einsum, movement, norms, pointwise, producers, shapes  # noqa: F401 (registration)
 from fxprune.rules.base import (
     Category, OpRule, Rewrite, is_registered_module, op_name, register_op, rule_for,
 )
