@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -190,20 +191,28 @@ def schedule(cfg: ClaimsConfig, arm: Arm) -> dict[str, int]:
 
 def splits(cfg: ClaimsConfig):
     """(train, validation, test) loaders: the models train on the training images minus a stratified
-    validation split; the test split is the usual one, normalised like the training images."""
+    validation split; the test split is the usual one, normalised like the training images. Fresh
+    loaders per call, so every run sees the same batch order (``digits_loaders``' seeded shuffle)."""
     from torch.utils.data import DataLoader, TensorDataset
 
+    (xt, yt), val, test = _split_tensors(cfg.dataset, cfg.image_size, cfg.validation)
+    train = DataLoader(TensorDataset(xt, yt), batch_size=cfg.batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    return train, *(DataLoader(TensorDataset(*t), batch_size=cfg.batch_size, shuffle=False) for t in (val, test))
+
+
+@functools.lru_cache(maxsize=4)
+def _split_tensors(dataset: str, image_size: int, validation: float):
+    """The three splits' (images, labels), built once per process (the distortions take seconds)."""
     from fxprune.data import digits_loaders
 
-    common = dict(batch_size=cfg.batch_size, seed=0, variant=cfg.dataset, image_size=cfg.image_size)
-    held = digits_loaders(validation=cfg.validation, **common)
-    full = digits_loaders(**common)
+    held = digits_loaders(validation=validation, seed=0, variant=dataset, image_size=image_size)
+    full = digits_loaders(seed=0, variant=dataset, image_size=image_size)
     # full's images are normalised to mean 0 / std 1 over all training images, held's over its train part:
     # both are affine in the raw pixels, and held's train + validation are exactly full's training images
     u = torch.cat([held.train.dataset.tensors[0], held.test.dataset.tensors[0]])[:, :1]
     x, y = full.test.dataset.tensors
-    test = DataLoader(TensorDataset(x * u.std() + u.mean(), y), batch_size=cfg.batch_size, shuffle=False)
-    return held.train, held.test, test
+    return held.train.dataset.tensors, held.test.dataset.tensors, (x * u.std() + u.mean(), y)
 
 
 def _bench_config(cfg: ClaimsConfig, model: str) -> BenchConfig:
