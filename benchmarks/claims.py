@@ -485,32 +485,38 @@ def run_claims(cfg: ClaimsConfig, resume: bool = False, progress: bool = True) -
     total = len(dense) + len(first) + sum(
         1 for a, ss in later.items() for s in ss if not any(r["arm"] == a and r["seed"] == s for r in runs))
     bar = tqdm(total=total, desc="claims", disable=not progress)
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn")) as pool:
-        def drain(futures: set) -> None:
-            while futures:
-                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    futures.discard(f)
-                    run = f.result()
-                    runs.append(run)
-                    write(runs, cfg, meta)
-                    bar.set_postfix_str(f"{run['arm']} lr {run['lr']} seed {run['seed']}: test {run['test']:.3f}")
-                    bar.update()
-                    futures |= submit_later()
 
-        def submit_later() -> set:
-            out = set()
-            for a in list(later):
-                lr = choose_lr(runs, a, cfg.lr_seeds, cfg.lrs)
-                if lr is None:
-                    continue
-                for s in later.pop(a):
-                    if f"{a}/{lr}/{s}" not in {key(r) for r in runs}:
-                        out.add(pool.submit(run_arm, cfg, a, lr, s))
-            return out
+    def record(run: Run) -> list[tuple]:
+        """Keep and write ``run``; the jobs it unblocks (an arm's other seeds, once its rate is chosen)."""
+        runs.append(run)
+        write(runs, cfg, meta)
+        bar.set_postfix_str(f"{run['arm']} lr {run['lr']} seed {run['seed']}: test {run['test']:.3f}")
+        bar.update()
+        return unblocked()
 
-        drain({pool.submit(run_dense, cfg, m, s) for m, s in dense})
-        drain({pool.submit(run_arm, cfg, *job) for job in first} | submit_later())
+    def unblocked() -> list[tuple]:
+        jobs = []
+        for a in list(later):
+            lr = choose_lr(runs, a, cfg.lr_seeds, cfg.lrs)
+            if lr is not None:
+                jobs += [(run_arm, a, lr, s) for s in later.pop(a) if f"{a}/{lr}/{s}" not in {key(r) for r in runs}]
+        return jobs
+
+    phases = [[(run_dense, m, s) for m, s in dense], [(run_arm, *job) for job in first]]
+    if cfg.jobs == 1:  # in this process: no worker start, the splits built once
+        for queue in phases:
+            queue += unblocked()
+            while queue:
+                fn, *args = queue.pop(0)
+                queue += record(fn(cfg, *args))
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn")) as pool:
+            for queue in phases:  # the dense models are all cached before any arm starts
+                futures = {pool.submit(fn, cfg, *args) for fn, *args in queue + unblocked()}
+                while futures:
+                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        futures |= {pool.submit(fn, cfg, *args) for fn, *args in record(f.result())}
     bar.close()
     return write(runs, cfg, meta)
 
