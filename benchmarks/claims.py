@@ -281,7 +281,7 @@ def run_arm(cfg: ClaimsConfig, name: str, lr: float | None, seed: int) -> Run:
         net = dense_model(cfg, arm.model, seed)
     method, options = parse_method(arm.spec)
     options = {**cfg.method_options.get(method, {}), **options}
-    x = next(iter(test))[0][:1]
+    x = train.dataset.tensors[0][:1]
     budget = fxprune.Budget(flops=cfg.flops)
     notrain = arm.pipeline == "notrain"
     evaluate_on = test if notrain else val  # no rate to choose without training: report test directly
@@ -320,14 +320,14 @@ def choose_lr(runs: list[Run], arm: str, lr_seeds: tuple[int, ...], lrs: tuple[f
     return max(lrs, key=lambda lr: (statistics.fmean(val[lr, s] for s in lr_seeds), -lr))
 
 
-def verdict(arm: list[float], base: list[float], relation: str = ">") -> dict[str, Any]:
+def verdict(arm: list[float], base: list[float]) -> dict[str, Any]:
     """Difference of means against twice its standard error (``within noise`` between; no verdict
     from a single seed, which has no spread)."""
     diff = statistics.fmean(arm) - statistics.fmean(base)
     se = math.sqrt(_spread(arm) ** 2 / len(arm) + _spread(base) ** 2 / len(base))
     word = ("no spread (one seed)" if min(len(arm), len(base)) < 2 else
             "holds" if diff > 2 * se else "does not hold" if diff < -2 * se else "within noise")
-    return {"difference": diff, "se": se, "verdict": word, "relation": relation}
+    return {"difference": diff, "se": se, "verdict": word}
 
 
 def _selected(runs: list[Run], cfg: ClaimsConfig, arm: str) -> list[Run]:
@@ -376,7 +376,7 @@ def summarise(runs: list[Run], cfg: ClaimsConfig) -> dict[str, Any]:
         row = {**asdict(c), "arm_mean": None, "baseline_mean": None, "verdict": "not run"}
         if a and b:
             va, vb = [_value(r, c.stage) for r in a], [_value(r, c.stage) for r in b]
-            row.update(arm_mean=statistics.fmean(va), baseline_mean=statistics.fmean(vb), **verdict(va, vb, c.relation))
+            row.update(arm_mean=statistics.fmean(va), baseline_mean=statistics.fmean(vb), **verdict(va, vb))
         rows.append(row)
     dense = {}
     for r in runs:
@@ -399,7 +399,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"accuracy on the {meta['test_size']} test images; BatchNorm re-estimated on {cfg['bn_batches']} batches "
              f"after finalize. torch {meta['torch']} on {meta['machine']}, one thread per run; {meta['date']}.", "",
              "Verdict: d = difference of the means over seeds, se its standard error; holds if d > 2 se, does not "
-             "hold if d < -2 se, else within noise.", "",
+             "hold if d < -2 se, else within noise (what a >= claim predicts when the arms are equal). Stage: test = "
+             "after fine-tuning; pruned / pruned_bn = before fine-tuning, raw / BatchNorm re-estimated.", "",
              "| paper | claim | paper's setting | arm | baseline | stage | arm | baseline | d ± 2 se (pt) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["claims"]:
