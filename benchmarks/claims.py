@@ -23,9 +23,17 @@ the initial weights. Verdict per claim: d = mean(arm) - mean(baseline) over seed
 se = sqrt(s_a^2/n_a + s_b^2/n_b); ``holds`` if d > 2 se, ``does not hold`` if d < -2 se, else
 ``within noise`` (for a >=/~ claim that is what the claim says).
 
-Cost, measured on this 2-core machine (one thread per run, ``--jobs 2``, see the report of the
-branch that added it): a dense RN20 epoch is ~1 s; the full config (3 seeds, every claim, LR chosen
-on seed 0 only) is estimated at ~40 min; ``--lr-seeds 0,1,2`` chooses on every seed (~3x the arm runs).
+Cost, measured on the 2-core development machine (one thread per run), as CPU seconds per run,
+which is the wall time with a core to itself: dense RN20 20 epochs ~22 s, a pretrained arm
+(10 + 15 epochs: gdp 32.9 s, greg1 31.3 s, tpp and wgates similar), DSA from scratch (30 + 15
+epochs) ~65 s, a no-retraining arm ~15 s. The full config, LR chosen on seed 0 (3 rates x 10
+trained arms on seed 0, then 2 more seeds at the chosen rate: 50 runs, plus 6 no-retraining runs),
+is ~1,900 CPU s: ~16 min with ``--jobs 2`` on an idle machine (+1 min for the dense models when
+not cached), and ~44 min at the contention the measurements ran under (wall = 2.8 x CPU). With
+``--lr-seeds 0,1,2`` (every rate on every seed, 90 runs) ~28 min idle, beyond 45 min under that
+contention: hence seed 0 by default. l1's fine-tune curve (seed 0, rate 0.02, validation accuracy
+after 10 / 25 / 40 fine-tune epochs: 84.4 / 85.1 / 85.1%) is flat from ~12 epochs, so 25 is on the
+plateau; ``--quick`` runs in ~40 s idle (2 min under that contention).
 
     python benchmarks/claims.py [--jobs 2] [--seeds 0,1,2] [--claims gdp,tpp,...] [--quick] [--resume]
 
