@@ -368,7 +368,8 @@ def summarise(runs: list[Run], cfg: ClaimsConfig) -> dict[str, Any]:
         curves = [r["finetune_curve"] for r in chosen if r["finetune_curve"]]
         arms[name] = {"spec": ARMS[name].spec, "model": ARMS[name].model, "pipeline": ARMS[name].pipeline,
                       "lr": chosen[0]["lr"], "seeds": sorted(r["seed"] for r in chosen),
-                      "epochs": chosen[0]["epochs"], "val_by_lr": {k: statistics.fmean(v) for k, v in val_by_lr.items()},
+                      "epochs": chosen[0]["epochs"],
+                      "val_by_lr": {k: statistics.fmean(v) for k, v in val_by_lr.items()},
                       "test": [r["test"] for r in chosen], "test_mean": statistics.fmean(r["test"] for r in chosen),
                       "test_std": _spread([r["test"] for r in chosen]), "stages": stages,
                       "stages_on": chosen[0]["stages_on"],
@@ -390,7 +391,8 @@ def summarise(runs: list[Run], cfg: ClaimsConfig) -> dict[str, Any]:
     for r in runs:
         if r["kind"] == "dense":
             dense.setdefault(r["model"], []).append(r)
-    dense_rows = {m: {"val_mean": statistics.fmean(r["val"] for r in rs), "test_mean": statistics.fmean(r["test"] for r in rs),
+    dense_rows = {m: {"val_mean": statistics.fmean(r["val"] for r in rs),
+                      "test_mean": statistics.fmean(r["test"] for r in rs),
                       "test_std": _spread([r["test"] for r in rs]), "seeds": len(rs)} for m, rs in dense.items()}
     return {"claims": rows, "arms": arms, "dense": dense_rows}
 
@@ -421,7 +423,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
               "validation by lr | test (mean ± std) | before fine-tune raw / BN | MACs (worst) | s per run |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, d in summary["dense"].items():
-        lines.append(f"| dense-{m} | | {m} | dense | {cfg['dense_epochs']} | {cfg['dense_lr']} | {100 * d['val_mean']:.1f} "
+        lines.append(f"| dense-{m} | | {m} | dense | {cfg['dense_epochs']} | {cfg['dense_lr']} | "
+                     f"{100 * d['val_mean']:.1f} "
                      f"| {100 * d['test_mean']:.2f} ± {100 * d['test_std']:.2f} | | 100% | |")
     for name, a in summary["arms"].items():
         e = a["epochs"]

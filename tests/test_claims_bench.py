@@ -121,7 +121,6 @@ def test_tiny_end_to_end_with_lr_selection_and_resume(tmp_path) -> None:
     assert again["claims"] == summary["claims"]
 
 
-@pytest.mark.slow
 def test_tiny_no_retraining_claim(tmp_path) -> None:
     """functionality against l1 at l1's per-layer widths, before any fine-tune (test split, no rate)."""
     cfg = dataclasses.replace(claims.ClaimsConfig(**TINY), claims=("functionality",), cache=str(tmp_path / "c"),
