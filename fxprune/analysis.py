@@ -35,8 +35,13 @@ from fxprune.gcpause import gc_paused
 from fxprune.ir import (
     ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )
-from fxprune.rules.base import Category, arg, op_name, rule_for
+from fxprune.rules.base import Category, arg, gate_anchor, op_name, rule_for
+from fxprune.rules.pointwise import zero_at_zero
 from fxprune.tracing import TensorMeta
+
+_PRODUCTS = frozenset((operator.mul, operator.imul, torch.mul, "mul", "mul_"))
+_SUMS = frozenset((operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
+                   "sub", "sub_"))
 
 
 def maps_in(struct: Any) -> list[ChannelMap]:
@@ -86,6 +91,7 @@ class Walk:
         self.env: dict[fx.Node, Any] = {}
         self.channel_sizes: dict[str, np.ndarray] = {}
         self.size_uses: set[str] = set()
+        self._gated: tuple[int, set[fx.Node]] = (-1, set())  # where gates sit, for that many sites
 
     # ---- what rules read -------------------------------------------------------------------
     def map(self, node: Any) -> Any:
@@ -168,6 +174,40 @@ class Walk:
             return
         path, _, name = qualname.rpartition(".")
         self.param_slices[key] = ParamSlice(path, name, dim, ids.copy())
+
+    def removed_are_zero(self, node: fx.Node) -> bool:
+        """In the gated model, are ``node``'s removed channels exactly zero? At a gate (where a
+        producer's gate sits: after its norm when that is the sole user) and through ops that keep
+        a zero channel zero: data movement, activations with f(0) = 0, pooling and reductions over
+        other dims, a product with such an operand, a sum of such operands."""
+        if self._gated[0] != len(self.sites):  # the producers upstream of ``node`` are all known
+            nodes = {n.name: n for n in self.gm.graph.nodes}
+            self._gated = (len(self.sites), {gate_anchor(self.gm, nodes[s], self.modules) for s, _, _ in self.sites})
+        gated, memo = self._gated[1], {}
+
+        def zero(n: Any) -> bool:
+            if not isinstance(n, fx.Node) or self.map(n) is None:
+                return False
+            if n in gated:
+                return True
+            if n not in memo:
+                rule = rule_for(n, self.modules)
+                tensors = [a for a in n.args if self.is_tensor(a)]
+                if rule is None or not n.args:
+                    memo[n] = False
+                elif rule.category is Category.MOVEMENT or zero_at_zero(n, self.modules) or (
+                        rule.category in (Category.SPATIAL, Category.REDUCE) and rule.keeps_zero is not None
+                        and rule.keeps_zero(n, self.modules)):
+                    memo[n] = zero(n.args[0])
+                elif n.target in _PRODUCTS:
+                    memo[n] = any(zero(a) for a in tensors)
+                elif n.target in _SUMS:
+                    memo[n] = bool(tensors) and all(zero(a) for a in tensors)
+                else:
+                    memo[n] = False
+            return memo[n]
+
+        return zero(node)
 
     def add_layer(self, layer: Layer) -> None:
         self.layers.append(layer)

@@ -1,0 +1,91 @@
+"""Reductions over the channels (issue 30): exact where removed channels are zero (GRN)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+from test_spine_zoo import RTOL, calibrate, prune_and_check, rel_diff
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2's global response norm, channels last, as Hugging Face writes it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(1, 1, 1, dim) + 0.5)
+        self.bias = nn.Parameter(torch.randn(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.weight * (x * nx) + self.bias + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, dim, 2, 2), nn.BatchNorm2d(dim)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1, self.grn, self.fc2 = nn.Linear(dim, 4 * dim), GRN(4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        y = self.fc2(self.grn(F.gelu(self.fc1(self.dw(x).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
+class ChannelStats(nn.Module):
+    """``reduce`` of a conv's activated output over the channels scales the output."""
+
+    def __init__(self, reduce) -> None:
+        super().__init__()
+        self.conv, self.bn, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.reduce = reduce
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.out(y * self.reduce(y).unsqueeze(1))
+
+
+def _build(factory, size: int = 8):
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    return model, x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grn_hidden_width_prunes_exactly_with_the_dense_mean(seed):
+    model, x = _build(ConvNeXtV2Block)
+    cg = fxprune.analyze(fxprune.trace(model, (x,)))
+    hidden = next(g for g in cg.groups if g.size == 32)
+    assert hidden.prunable, hidden.reason
+    res = prune_and_check(model, x, seed=seed)
+    kept = res["fin"].fc1.out_features
+    assert res["fin"].grn.weight.shape[-1] == kept == res["fin"].fc2.in_features
+    x2 = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert rel_diff(res["fin"](x2), res["gated"](x2)) <= 10 * RTOL
+
+
+@pytest.mark.parametrize("reduce", [lambda y: torch.relu(y).mean(1), lambda y: torch.relu(y).sum(1),
+                                    lambda y: torch.relu(y).norm(2, 1)])
+def test_mean_sum_and_norm_over_zero_removed_channels_are_exact(reduce):
+    model, x = _build(lambda: ChannelStats(reduce))
+    prune_and_check(model, x, seed=3)
+
+
+@pytest.mark.parametrize("reduce, why", [(lambda y: torch.sigmoid(y).mean(1), "not known to be zero"),
+                                         (lambda y: y.amax(1), "over the channel dim")])
+def test_reductions_where_removed_channels_would_count_block(reduce, why):
+    model, x = _build(lambda: ChannelStats(reduce))
+    cg = fxprune.analyze(fxprune.trace(model, (x,)))
+    group = next(g for g in cg.groups if g.size == 8)
+    assert not group.prunable and why in group.reason
