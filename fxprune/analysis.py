@@ -35,7 +35,7 @@ from fxprune.gcpause import gc_paused
 from fxprune.ir import (
     ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )
-from fxprune.rules.base import Category, arg, op_name, rule_for
+from fxprune.rules.base import REGISTRY, Category, arg, op_name, rule_for
 from fxprune.tracing import TensorMeta
 
 
@@ -259,6 +259,10 @@ class Walk:
             reason = f"opaque module '{node.target}' ({type(mod).__name__}) at node '{node.name}'"
             if node.target in self.leaf_reasons:
                 reason += f": it could not be traced ({self.leaf_reasons[node.target]})"
+            base = REGISTRY.resolve(type(mod))[1]
+            if base is not None:  # a registered base whose rule the subclass does not get
+                reason += (f"; it subclasses {base.__name__} but overrides what {base.__name__}'s forward runs, "
+                           f"so {base.__name__}'s rule does not apply to it")
         reason += "; fxprune.register_op teaches fxprune a custom op"
         self.block(inputs, reason)
         return None
