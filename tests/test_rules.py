@@ -475,6 +475,18 @@ def test_timm_group_norm_act_prunes_whole_norm_groups():
         assert fin_norm.num_groups == res["report"].kept[g.id] and fin_norm.num_channels == 2 * fin_norm.num_groups
 
 
+def test_timm_frozen_batchnorm_act_slices_its_buffers():
+    timm = pytest.importorskip("timm")
+    norm = timm.layers.FrozenBatchNormAct2d(8, act_layer="silu")
+    model, x, gm, cg = analyzed(_norm_act_net(norm))
+    g = group_of(cg, "_0")
+    assert g.prunable, g.reason
+    for seed in range(3):
+        res = prune_and_check(model, x, gm, cg, seed=seed)
+        fin_norm = res["fin"].get_submodule("1")
+        assert fin_norm.weight.numel() == fin_norm.running_var.numel() == res["report"].kept[g.id] < 8
+
+
 class Odd(nn.Module):
     def forward(self, x):
         return x.cumsum(1)

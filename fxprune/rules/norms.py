@@ -172,10 +172,14 @@ register_all((nn.GroupNorm, F.group_norm), GROUPNORM)
 register_all((nn.LayerNorm, F.layer_norm), LAYERNORM)
 register_all((nn.PReLU,), PRELU)
 
-TIMM_NORM_ACT = "timm.layers.norm_act."
-for _cls in ("BatchNormAct2d", "SyncBatchNormAct"):
-    register_named(TIMM_NORM_ACT + _cls, norm_then_act(BATCHNORM, "batch_norm + act"))
-register_named(TIMM_NORM_ACT + "FrozenBatchNormAct2d", norm_then_act(
-    per_channel(params=(), buffers=("weight", "bias", "running_mean", "running_var")), "frozen batch_norm + act"))
-for _cls in ("GroupNormAct", "GroupNorm1Act"):
-    register_named(TIMM_NORM_ACT + _cls, norm_then_act(GROUPNORM, "group_norm + act"))
+# timm's norm-act layers, by name: timm stays optional. LayerNormAct* and RmsNormAct* normalize
+# over the channels: they get no rule, are traced into, and their norm blocks the channels.
+_TIMM = "timm.layers.norm_act."
+BATCHNORM_ACT = norm_then_act(BATCHNORM, "batch_norm + act")
+FROZEN_BATCHNORM_ACT = norm_then_act(per_channel(params=(), buffers=("weight", "bias", "running_mean", "running_var")),
+                                     "frozen batch_norm + act")
+GROUPNORM_ACT = norm_then_act(GROUPNORM, "group_norm + act")
+for _name, _rule in (("BatchNormAct2d", BATCHNORM_ACT), ("SyncBatchNormAct", BATCHNORM_ACT),
+                     ("FrozenBatchNormAct2d", FROZEN_BATCHNORM_ACT), ("GroupNormAct", GROUPNORM_ACT),
+                     ("GroupNorm1Act", GROUPNORM_ACT)):
+    register_named(_TIMM + _name, _rule)
