@@ -199,8 +199,10 @@ def register_op(target: Any, rule: OpRule, *, replace: bool = False) -> None:
     a function, or a tensor method name.
 
     Module classes registered here are also kept as leaves by ``fxprune.trace``, so their own
-    forward is not traced into (Functions always are). Raises ``ConfigError`` if ``target``
-    already has a different rule and ``replace`` is False.
+    forward is not traced into (Functions always are). Their subclasses get the rule only if
+    they keep its ``forward`` (see ``_Registry``); register a subclass that changes it, or build
+    the rule with ``subclasses=True``. Raises ``ConfigError`` if ``target`` already has a
+    different rule and ``replace`` is False.
     """
     if not isinstance(rule, OpRule):
         raise ConfigError(f"register_op expects an fxprune.rules.OpRule, got {type(rule).__name__}")
