@@ -44,15 +44,13 @@ def example_inputs(inputs: Any, where: str) -> tuple[Any, ...]:
         raise ConfigError(f"{where}: example_inputs must be a tensor or a tuple of tensors, got "
                           f"{type(inputs).__name__}; e.g. example_inputs=(torch.randn(1, 3, 224, 224),)")
     inputs = tuple(inputs)
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    tensors = [t for t in _nested(inputs) if isinstance(t, torch.Tensor)]
     if not tensors:
         got = "nothing" if not inputs else ", ".join(type(t).__name__ for t in inputs)
         raise ConfigError(f"{where} needs example_inputs with at least one torch.Tensor, got {got}; "
                           "e.g. example_inputs=(torch.randn(1, 3, 224, 224),) (convert numpy arrays with "
                           "torch.from_numpy)")
-    for i, t in enumerate(inputs):
-        if not isinstance(t, torch.Tensor):
-            continue
+    for i, t in _indexed(inputs):
         if t.is_meta:
             raise ConfigError(f"{where}: example_inputs[{i}] is on the meta device (shape {tuple(t.shape)}, no "
                               "values); pass a real tensor, e.g. torch.randn(...) on the model's device")
@@ -62,6 +60,33 @@ def example_inputs(inputs: Any, where: str) -> tuple[Any, ...]:
                               "values; pruning decisions and the equivalence check need finite inputs: pass "
                               "real data or torch.randn(...)")
     return inputs
+
+
+def _nested(value: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts (a detector takes a list of images)."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _nested(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _nested(v)]
+    return [value]
+
+
+def _indexed(inputs: tuple[Any, ...]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the example inputs with its place, ``0`` or ``0][1`` (in a list)."""
+    out: list[tuple[str, torch.Tensor]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            out.append((where, value))
+        elif isinstance(value, (list, tuple)):
+            for j, v in enumerate(value):
+                walk(v, f"{where}][{j}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}][{k!r}")
+    for i, v in enumerate(inputs):
+        walk(v, str(i))
+    return out
 
 
 def module_arg(value: Any, where: str) -> nn.Module:

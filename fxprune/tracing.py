@@ -20,7 +20,10 @@ sees real shapes:
   unpacking, ``list(...)`` and for-loops work;
 * ``*args``/``**kwargs`` and keyword-only parameters of the root forward are bound
   concretely (the extra example inputs, else empty / their defaults); example inputs map to
-  the positional parameters in order, and non-tensor ones are specialised.
+  the positional parameters in order, and non-tensor ones are specialised;
+* functions that do not dispatch on proxies are stood in for while tracing (``_patches``):
+  ``torch.jit.isinstance`` answers for a proxy's value, ``torch.tensor`` / ``torch.as_tensor``
+  of sizes become nodes, and ``np.array(x.shape)`` converts a shape-derived value concretely.
 
 Values are tensors computed under ``no_grad``, with one exception: convolutions and linear
 layers (exact types) are not computed. Their output is zeros of the right shape and strides,
@@ -75,6 +78,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -179,7 +183,14 @@ class ConcreteProxy(fx.Proxy):
     fake: bool = False
 
     def __getattr__(self, k: str) -> ConcreteAttribute:
+        if k.startswith("__") and k.endswith("__"):  # a protocol probe (numpy's __array_interface__,
+            raise AttributeError(k)  # torch.tensor's __cuda_array_interface__), not a tensor attribute
         return ConcreteAttribute(self, k)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.array(x.shape)``: a shape-derived value converts to its concrete numpy array;
+        tensor values are refused (``DataDependentControlFlow``, so a submodule becomes a leaf)."""
+        return np.asarray(self._python_value("a numpy conversion"), dtype=dtype)
 
     def _python_value(self, what: str) -> Any:
         """The value for a Python protocol (bool, int, ...); refused if it depends on tensor values."""
@@ -269,6 +280,34 @@ def _is_shape_query(kind: str, target: Any, args: tuple[Any, ...]) -> bool:
 
 
 _FUNCTION_APPLY = torch.autograd.Function.__dict__["apply"]  # a classmethod (C or Python)
+_TENSOR_FACTORIES = {"tensor": torch.tensor, "as_tensor": torch.as_tensor}
+_JIT_ISINSTANCE = torch.jit.isinstance
+
+
+def _patches(tracer: ConcreteTracer) -> dict[tuple[Any, str], Any]:
+    """Functions that do not dispatch on proxies, replaced while tracing (owner, name -> stand-in):
+
+    - ``torch.tensor(size)`` / ``torch.as_tensor``: C functions that read their data's
+      contents, which a proxy does not have; given a proxy (``x.shape[-2:]``, a list of sizes)
+      they become a node of their own, so the traced model still reads the sizes at run time;
+    - ``torch.jit.isinstance(x, T)``: decided on the proxy's concrete value (a U-Net's skip
+      connection asking whether ``x`` is a tensor must hear yes; a proxy is not a Tensor)."""
+    def factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def make(data: Any, *args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, ConcreteProxy) for a in _flat((data, args, kwargs))):
+                return tracer.create_proxy("call_function", fn, (data, *args), kwargs)
+            return fn(data, *args, **kwargs)
+        return make
+
+    def jit_isinstance(obj: Any, target_type: Any) -> bool:
+        return _JIT_ISINSTANCE(map_aggregate(obj, _value_of), target_type)
+
+    return {**{(torch, name): factory(fn) for name, fn in _TENSOR_FACTORIES.items()},
+            (torch.jit, "isinstance"): jit_isinstance}
+
+
+def _originals() -> dict[tuple[Any, str], Any]:
+    return {**{(torch, name): fn for name, fn in _TENSOR_FACTORIES.items()}, (torch.jit, "isinstance"): _JIT_ISINSTANCE}
 
 
 class _ModuleState:
@@ -531,6 +570,8 @@ class ConcreteTracer(fx.Tracer):
             return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
         torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
+        for (owner, name), stand_in in _patches(self).items():
+            setattr(owner, name, stand_in)
         try:
             graph = super().trace(root)
             # fx stores tensor constants it meets (``_tensor_constant0``) on the root; keep them
@@ -539,6 +580,8 @@ class ConcreteTracer(fx.Tracer):
                          if n.op == "get_attr" and "." not in n.target}
         finally:
             torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
+            for (owner, name), fn in _originals().items():
+                setattr(owner, name, fn)
             self._state.restore(root)  # drop what forwards cached (proxies, values) on the copy
         for name, value in constants.items():
             if not hasattr(root, name):
@@ -682,6 +725,22 @@ def _describe(exc: BaseException, stack: list[traceback.FrameSummary] | None = N
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
 
 
+_DETECTION_CODE = ("/torchvision/models/detection/", "/torchvision/ops/")
+
+
+def _remedy(exc: BaseException) -> str:
+    """What to do about an untraceable root forward, by the class of model it belongs to."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(part in f.filename for f in frames for part in _DETECTION_CODE):
+        return ("This is a whole detector: its root forward post-processes detections on tensor values "
+                "(score top-k, NMS, box decoding) or passes objects such as ImageList between submodules, "
+                "which fxprune does not capture yet. Prune its backbone with the FPN instead, "
+                "e.g. fxprune.compile(model.backbone, ..., example_inputs=(torch.randn(1, 3, H, W),)): "
+                "the heads keep reading the backbone's outputs, whose widths the FPN's own convs fix.")
+    return ("Make that forward free of Python control flow on tensor values (control flow on shapes is "
+            "fine), or move the offending code into a submodule (it then becomes an opaque leaf).")
+
+
 def _capture(model: torch.nn.Module, example_inputs: tuple[Any, ...], shape_only: bool) -> tuple[fx.GraphModule, dict[str, str]]:
     tracer = ConcreteTracer(example_inputs, shape_only)
     graph = tracer.trace(model)
@@ -749,12 +808,8 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModu
             "inputs' shapes and number."
         ) from exc
     except (Exception, DataDependentControlFlow) as exc:  # the root forward itself cannot be traced
-        raise TraceError(
-            f"fxprune cannot trace the forward of {name} (the root module): {_describe(exc)}. "
-            "Make that forward free of Python control flow on tensor values (control flow on "
-            "shapes is fine), or move the offending code into a submodule (it then becomes an "
-            "opaque leaf)."
-        ) from exc
+        raise TraceError(f"fxprune cannot trace the forward of {name} (the root module): {_describe(exc)}. "
+                         f"{_remedy(exc)}") from exc
     gm.meta["fxprune_example_inputs"] = tuple(
         x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs
     )

@@ -139,6 +139,120 @@ def test_wrong_number_of_example_inputs_raises_trace_error():
         fxprune.trace(TwoInputs(), (torch.randn(1, 3, 8, 8),))
 
 
+# ---- code that asks about types and turns sizes into data ----------------------------------------
+class JitIsinstanceSkip(nn.Module):
+    """A U-Net style skip: ``torch.jit.isinstance`` picks the concat; a proxy that answered
+    False would take the other branch and fail later (the concat's consumer expects 2x the width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.inner = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.up = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.down(x)
+        z = self.inner(y)
+        if torch.jit.isinstance(z, torch.Tensor) and torch.jit.isinstance([y, z], list[torch.Tensor]):
+            z = torch.cat([y, z], 1)
+        return self.up(z)
+
+
+class SizesAsData(nn.Module):
+    """Sizes turned into tensors and numpy arrays: spatial sizes must stay run-time reads, the
+    channel count is the dense model's (finalize bakes it, as for any size of a pruned axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.d = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        hw = torch.tensor(y.shape[-2:])
+        scale = torch.as_tensor([y.shape[1], 2.0])
+        channels = float(np.array(y.shape)[1])
+        return self.d(y / hw.prod() * scale[0] / channels)
+
+
+def test_jit_isinstance_sees_a_tensor_and_the_skip_concat_prunes():
+    model, x = build(JitIsinstanceSkip, 16)
+    gm = fxprune.trace(model, (x,))
+    assert any(n.target is torch.cat for n in gm.graph.nodes)
+    spine(model, x, gm)
+    assert torch.jit.isinstance is fxprune.tracing._JIT_ISINSTANCE  # restored after the trace
+
+
+def test_sizes_as_tensors_and_arrays_trace_and_read_spatial_sizes_at_run_time():
+    model, x = build(SizesAsData, 16)
+    gm = fxprune.trace(model, (x,))
+    assert [n.target for n in gm.graph.nodes if n.target in (torch.tensor, torch.as_tensor)] == [torch.tensor,
+                                                                                                torch.as_tensor]
+    res = spine(model, x, gm)
+    x2 = torch.randn(3, 3, 24, 20)  # another batch and resolution: hw is read from the input
+    with torch.no_grad():
+        assert rel_diff(gm(x2), model(x2)) <= 1e-6
+        assert rel_diff(res["fin"](x2), res["gated"](x2)) <= 10 * RTOL
+    assert torch.tensor is fxprune.tracing._TENSOR_FACTORIES["tensor"]
+
+
+def test_numpy_of_tensor_values_makes_the_submodule_a_leaf():
+    class ToNumpy(nn.Module):
+        def forward(self, x):
+            return x * float(np.array(x.mean()))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.n, self.d = nn.Conv2d(3, 8, 3, padding=1), ToNumpy(), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.d(self.n(self.c(x)))
+
+    model, x = build(Net, 8)
+    gm = fxprune.trace(model, (x,))
+    assert "numpy conversion" in gm.meta["fxprune_leaf_modules"]["n"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+class ListOfImages(nn.Module):
+    """A detector's calling convention: a list of images in, a list of dicts out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, images: list[torch.Tensor]):
+        out = self.head(self.body(torch.stack(list(images))))
+        return [{"scores": o.mean((1, 2))} for o in out]
+
+
+def test_a_list_of_image_tensors_is_one_input_and_prunes():
+    torch.manual_seed(0)
+    model = ListOfImages().eval()
+    images = [torch.randn(3, 12, 12), torch.randn(3, 12, 12)]
+    gm = fxprune.trace(model, (images,))
+    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
+    res = prune_and_check(model, images, gm)
+    with torch.no_grad():
+        out = res["fin"](images)
+    assert [list(d) for d in out] == [["scores"], ["scores"]]
+    with pytest.raises(fxprune.ConfigError, match=r"example_inputs\[0\]\[1\]"):
+        fxprune.trace(model, ([images[0], torch.full((3, 12, 12), float("nan"))],))
+
+
+def test_a_whole_detector_is_refused_with_its_class_and_remedy():
+    tv_detection = pytest.importorskip("torchvision.models.detection")
+    model = tv_detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.trace(model, ([torch.rand(3, 64, 64)],))
+    msg = str(info.value)
+    assert "whole detector" in msg and "model.backbone" in msg and "NMS" in msg
+
+
 # ---- value-dependent control flow --------------------------------------------------------------------
 def test_value_dependent_submodules_become_leaves_with_reasons():
     model, x = build(rw.ShapeAndValueBranches, 16)

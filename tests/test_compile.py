@@ -177,6 +177,22 @@ def test_gdp_gate_function_and_polarization():
     assert gate.weight.grad[0] == 0  # zero is an attractor: no gradient leaves it
 
 
+def test_gdp_reports_polarization_of_its_gates():
+    prepared = _gdp_after_warmup(fxprune.Budget(flops=0.5))
+    m = prepared.method
+    with torch.no_grad():
+        for gate in m.gates.values():
+            gate.weight.fill_(10.0)  # g = 100 / (100 + eps) ~ 1: polarized
+            gate.weight[:2] = 0.0  # exact zeros
+            gate.weight[2] = float(np.sqrt(gate.eps.item()))  # g = 0.5: undecided
+    n = sum(g.weight.numel() for g in m.gates.values())
+    pol = m.report(prepared.ctx)
+    assert pol["zero_fraction"] == pytest.approx(2 * len(m.gates) / n)
+    assert pol["undecided_fraction"] == pytest.approx(len(m.gates) / n)
+    assert pol["polarized_fraction"] == pytest.approx(1 - 3 * len(m.gates) / n)
+    assert pol["met_at"] is None and pol["met_at_fraction"] is None
+
+
 def _gdp_after_warmup(budget, step=80):
     torch.manual_seed(0)
     prepared = fxprune.prepare(build_model("resnet20"), "gdp", budget, (torch.randn(2, 3, 16, 16),), total_steps=100)
@@ -255,6 +271,11 @@ def test_compile_gdp_on_digits_meets_budget_and_reports():
     # The gates themselves reached the budget (no fallback ranking) and did not overshoot it.
     assert result.prepared.method.met_at is not None and r.pruned["flops"] >= 0.4 * r.dense["flops"]
     assert r.accuracy["gated"] == r.accuracy["pruned"]
+    pol = r.method_report
+    assert pol["met_at"] == result.prepared.method.met_at and 0 < pol["met_at_fraction"] <= 1
+    assert pol["zero_fraction"] + pol["polarized_fraction"] + pol["undecided_fraction"] <= 1 + 1e-12
+    assert pol["zero_fraction"] == pytest.approx(1 - sum(g["kept"] for g in r.groups if g["id"] in result.prepared.method.gates)
+                                                 / sum(g["size"] for g in r.groups if g["id"] in result.prepared.method.gates))
     assert "MACs" in r.summary() and r.to_json().startswith("{")
     with pytest.raises(fxprune.ConfigError, match="train_loader"):
         fxprune.compile(model, "gdp", fxprune.Budget(flops=0.5), data.example_inputs())

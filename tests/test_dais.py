@@ -138,3 +138,27 @@ def test_decide_folds_the_surviving_soft_values(data):
             assert np.all(values[keep] > 0) and keep.any()
     assert prepared.measured["macs"] <= prepared.targets.macs
     assert pruned is not None
+
+
+def test_lambda_grows_per_percent_while_over_budget_and_stops_at_lam_max(data):
+    """Never meeting a 10% budget (no training moves alpha), lam compounds 1.2 per 1% of training
+    (one step of 100) up to ``lam_max`` and holds there; a larger ceiling lets it run on."""
+    trajectories = {}
+    for ceiling in (100.0, 1e12):
+        prepared = _prepared(data, steps=100, budget=0.1, lam_max=ceiling)
+        lams = []
+        for _ in range(40):
+            prepared.step()
+            lams.append(prepared.method.lam)
+        trajectories[ceiling] = np.array(lams)
+    free = trajectories[1e12]
+    np.testing.assert_allclose(free, 1.2 ** np.arange(1, 41), rtol=1e-9)
+    capped = trajectories[100.0]
+    first = int(np.argmax(capped >= 100.0))
+    np.testing.assert_allclose(capped[:first], free[:first], rtol=1e-9)
+    assert first == int(np.ceil(np.log(100) / np.log(1.2))) - 1 and np.all(capped[first:] == 100.0)
+
+
+def test_lam_max_below_lam_is_refused():
+    with pytest.raises(fxprune.ConfigError, match="lam_max"):
+        fxprune.passes.methods.dais.DAIS(lam=5.0, lam_max=1.0)

@@ -20,9 +20,14 @@ Choices that are this library's [A] (only the abstract and a third-party re-impl
 reachable, METHODS.md §5):
 - the FLOPs regularizer is |log(R / R*)|: zero on the budget, the same gradient magnitude as the
   re-implementation's one-sided +-log R away from it, and it holds the budget instead of
-  overshooting it; its weight starts at ``lam`` and grows by ``1 + lam_rate`` per 1% of training
+  overshooting it; its weight (``fxprune.schedules.AdaptiveWeight``) starts at ``lam`` and grows by ``1 + lam_rate`` per 1% of training
   while the binarized indicators cost more than the budget (GDP's adaptive lambda), shrinking
   back otherwise: with a fixed weight a 3-epoch run ended at 136% of its FLOPs budget;
+- that weight is bounded by ``lam_max`` = 100: alpha is trained by Adam, which normalizes the
+  gradient's scale, so once the budget term dominates the task term further growth changes the
+  step little, while shrinking back takes as long as growing did (a hysteresis: unbounded, 1.2 per
+  1% compounds to 8e7 over a run that never meets the budget). A 6-epoch run at 25% FLOPs
+  (resnet20/digits) peaked near 60 at an epoch end and met the budget, so the bound leaves it as is;
 - the residual-structure regularizer (Eq. 11) ties the indicators of channels joined by shortcuts;
   here such channels *are* one channel group with one indicator vector, so the tie holds exactly by
   construction and no extra term is added;
@@ -63,6 +68,7 @@ class DAISOptions:
     init: float = 1.0  # alpha at the start
     lam: float = 1.0  # starting weight of |log(R / R*)|
     lam_rate: float = 0.2  # lam grows by 1 + lam_rate per 1% of training while the binarized cost is above budget
+    lam_max: float = 100.0  # lam's ceiling (Adam on alpha: beyond it growth adds only hysteresis)
     l1: float = 1e-3  # weight of the mean indicator (Eq. 8)
     indicator_split: float = 0.3  # fraction of the training examples that train the indicators
     alpha_lr: float = 0.05  # Adam's rate for alpha (DARTS: Adam for the architecture parameters)
@@ -105,6 +111,9 @@ class DAIS(GateMethod):
         if not 0 < o.t_end <= 1 or not 0 < o.indicator_split < 1:
             raise ConfigError(f"method 'dais': need 0 < t_end <= 1 and 0 < indicator_split < 1, got t_end={o.t_end}, "
                               f"indicator_split={o.indicator_split}")
+        if o.lam_max < o.lam:
+            raise ConfigError(f"method 'dais': lam_max={o.lam_max} is below the starting lam={o.lam}; "
+                              "set lam_max >= lam (it is lam's ceiling)")
 
     @property
     def lam(self) -> float:
@@ -122,7 +131,7 @@ class DAIS(GateMethod):
         o = self.options
         self.alpha_opt = torch.optim.Adam(self.parameters(ctx), lr=o.alpha_lr)
         if o.lam > 0:  # never below its start
-            self.lam_weight = AdaptiveWeight(o.lam, o.lam_rate, ctx.total_steps)
+            self.lam_weight = AdaptiveWeight(o.lam, o.lam_rate, ctx.total_steps, ceiling=o.lam_max)
         self._anneal(ctx)
 
     def _anneal(self, ctx: Context) -> None:

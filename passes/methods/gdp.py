@@ -25,10 +25,10 @@ Choices that are this library's [A], because the paper leaves them open:
   that snapping then removed at chance accuracy;
 - three phases over ``total_steps`` (required): warm-up, search, polarize. For the first
   ``warmup`` fraction the penalty is off: the network and the gates first learn the task.
-  During the next ``search`` fraction the allowed cost (``path``) falls linearly from dense to
-  the budget; ``lam`` grows by the factor ``1 + lam_rate`` per 1% of training while the *hard*
-  FLOPs (every non-zero gate counted as kept) exceed the path and shrinks at that rate
-  otherwise, so channels go gradually and the network adapts as they go. Growing ``lam`` until
+  During the next ``search`` fraction the allowed cost (``path``, ``fxprune.schedules.linear_path``)
+  falls linearly from dense to the budget; ``lam`` (``fxprune.schedules.AdaptiveWeight``) grows
+  by the factor ``1 + lam_rate`` per 1% of training while the *hard* FLOPs (every non-zero gate
+  counted as kept) exceed the path and shrinks at that rate otherwise, so channels go gradually and the network adapts as they go. Growing ``lam`` until
   the budget itself was met (fxprune's first schedule) multiplied it by 100 in two epochs and
   pruned 75% of the FLOPs within one, at chance accuracy. Once the budget is met (permanently:
   zeroed gates stay zero) ``lam`` keeps shrinking and ``eps`` anneals geometrically to
@@ -53,7 +53,8 @@ Choices that are this library's [A], because the paper leaves them open:
 Defaults were chosen on a validation split of digits-hard's training images (``fxprune bench
 --validation 0.2``; benchmarks/results/methods_gdp_validation.md), never on its test split.
 Surviving gate values are folded into the producers, so the finalized model equals the gated
-model with no fine-tuning.
+model with no fine-tuning. ``report`` gives the polarization the paper's name promises (fractions
+of units at exactly 0, at >= 0.95 and undecided in between) and the step the budget was met at.
 """
 from __future__ import annotations
 
@@ -244,6 +245,21 @@ class GDP(GateMethod):
     def schedule(self, ctx: Context) -> dict[str, float]:
         eps = next(iter(self.gates.values())).eps.item() if self.gates else self.options.eps_start
         return {"lam": self.lam, "eps": eps, "macs": float(ctx.cost.macs(self.hard_keep()))}
+
+    def polarization(self) -> dict[str, float]:
+        """How far the paper's premise holds: the gates as the penalty sees them (``soft_keep``)
+        split into exact zeros, survivors near 1 (>= 0.95: folding them changes little) and
+        undecided survivors in (0.05, 0.95), each a fraction of all units."""
+        v = np.concatenate([g.detach().double().numpy() for g in self.soft_keep().values()]) if self.gates else np.ones(1)
+        return {"zero_fraction": float((v == 0).mean()), "polarized_fraction": float((v >= 0.95).mean()),
+                "undecided_fraction": float(((v > 0.05) & (v < 0.95)).mean())}
+
+    def report(self, ctx: Context) -> dict[str, Any]:
+        """Polarization at the end of training, the step the budget was met at (None: never, the
+        allocator finished the job) and as a fraction of training, the final eps and lam."""
+        eps = next(iter(self.gates.values())).eps.item() if self.gates else self.options.eps_start
+        met = self.met_at / ctx.total_steps if self.met_at is not None and ctx.total_steps else None
+        return {**self.polarization(), "met_at": self.met_at, "met_at_fraction": met, "eps": eps, "lam": self.lam}
 
     def state_dict(self) -> dict[str, Any]:
         return {"lam": self.lam, "met_at": self.met_at}
