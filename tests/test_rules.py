@@ -487,6 +487,24 @@ def test_timm_frozen_batchnorm_act_slices_its_buffers():
         assert fin_norm.weight.numel() == fin_norm.running_var.numel() == res["report"].kept[g.id] < 8
 
 
+def test_timm_weight_standardized_conv_is_not_a_conv():
+    """StdConv2d (a Conv2d subclass) standardizes each output row of its weight over its inputs:
+    removing an input channel changes every row's statistics. It is traced into (F.batch_norm
+    with no running statistics, training=True: values are computed that way too) and its
+    computed weight makes it opaque, so what flows into it stays whole."""
+    timm = pytest.importorskip("timm")
+    std = timm.layers.StdConv2d(8, 8, 3, padding=1)
+    assert REGISTRY.module_rule(std) is None
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), std, nn.ReLU(),
+                        nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    model, x, gm, cg = analyzed(net)
+    g = group_of(cg, "_0")
+    assert not g.prunable and "weight is not a parameter" in g.reason
+    assert group_of(cg, "_5").prunable
+    for seed in range(3):
+        prune_and_check(model, x, gm, cg, seed=seed)
+
+
 class Odd(nn.Module):
     def forward(self, x):
         return x.cumsum(1)

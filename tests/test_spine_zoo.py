@@ -780,12 +780,12 @@ def test_every_torchvision_model(name):
 # ---- timm: norm-act layers and the families built from them (issue 30 §1) ---------------------------
 # timm fuses BatchNorm and its activation into one BatchNormAct2d (a BatchNorm2d subclass); while
 # it inherited BatchNorm's rule, gates folded through the activation and every one of these
-# failed finalize's check. The slow list adds the rest of timm's mobile families and the
-# weight-standardized convs (StdConv2d, ScaledStdConv2d: Conv2d subclasses, no rule of their own).
+# failed finalize's check. The slow list adds more of timm's mobile families (weight-standardized
+# convs, which no longer get Conv2d's rule either: tests/test_rules.py).
 TIMM_DEFAULT = ["mobilenetv3_small_050", "efficientnet_b0", "mixnet_s", "lcnet_050", "ghostnet_050"]
 TIMM_SLOW = ["mobilenetv3_large_100", "mobilenetv2_050", "efficientnet_lite0", "tf_efficientnet_b0", "tf_mixnet_s",
              "tinynet_e", "hardcorenas_a", "tf_efficientnetv2_b0", "rexnet_100", "efficientnet_b0_gn",
-             "mobilenetv4_conv_small", "repghostnet_050", "nf_regnet_b0"]
+             "mobilenetv4_conv_small", "repghostnet_050"]
 
 
 def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
