@@ -180,6 +180,12 @@ def prune_and_check(model: nn.Module, x: torch.Tensor, gm=None, cg=None, seed: i
     return {"gm": gm, "cg": cg, "gated": gated, "fin": fin, "report": rep, "diff": ours}
 
 
+def prune_and_check_seeds(model: nn.Module, x: torch.Tensor, gm, cg, seeds: int = 3) -> list[dict]:
+    """``prune_and_check`` under several random gate patterns (random kept scales): one pattern
+    can happen to avoid the case a rule gets wrong."""
+    return [prune_and_check(model, x, gm, cg, seed=seed) for seed in range(seeds)]
+
+
 @functools.lru_cache(maxsize=1)
 def traced_resnet18():
     model, x = build("resnet18")
@@ -321,7 +327,7 @@ def test_untraceable_submodule_becomes_an_opaque_leaf():
     assert "'odd'" in before.reason and "DataDependent" in before.reason
     after = next(g for g in cg.groups if g.spaces == ["c2"])
     assert after.prunable  # c2 only reads the leaf's output: its own channels are free
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 def test_trace_rejects_non_modules_and_bad_inputs():
@@ -381,7 +387,7 @@ def test_residual_add_couples_producers_into_one_group():
                      ("bn", "running_var", 0), ("head", "weight", 1)}
     head = group_of(cg, "head")
     assert not head.prunable and "output" in head.reason
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class Concat(nn.Module):
@@ -403,9 +409,9 @@ def test_cat_concatenates_groups_in_the_consumer_input():
     assert in_units(cg, "head") == [(ga.id, i) for i in range(4)] + [(gb.id, i) for i in range(6)]
     assert slice_of(ga, "head", "weight", 1).ranges == [(0, 4)]
     assert slice_of(gb, "head", "weight", 1).ranges == [(4, 10)]
-    res = prune_and_check(model, x, gm, cg)
-    fin_head = res["fin"].get_submodule("head")
-    assert fin_head.in_channels == res["report"].kept[ga.id] + res["report"].kept[gb.id]
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        fin_head = res["fin"].get_submodule("head")
+        assert fin_head.in_channels == res["report"].kept[ga.id] + res["report"].kept[gb.id]
 
 
 class Depthwise(nn.Module):
@@ -430,10 +436,10 @@ def test_depthwise_conv_couples_input_and_output():
     gi, ui = cg.units.lookup(dw.in_ids)
     go, uo = cg.units.lookup(dw.out_ids)
     assert (gi == g.id).all() and (go == g.id).all() and (ui == uo).all()
-    res = prune_and_check(model, x, gm, cg)
-    dwm = res["fin"].get_submodule("dw")
-    k = res["report"].kept[g.id]
-    assert dwm.groups == dwm.in_channels == dwm.out_channels == k
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        dwm = res["fin"].get_submodule("dw")
+        k = res["report"].kept[g.id]
+        assert dwm.groups == dwm.in_channels == dwm.out_channels == k
 
 
 class SE(nn.Module):
@@ -458,7 +464,7 @@ def test_se_mul_couples_excitation_with_features():
     assert squeeze.spaces == ["fc1"] and squeeze.size == 2 and squeeze.prunable
     assert in_units(cg, "fc1") == [(g.id, i) for i in range(8)]
     assert in_units(cg, "head") == [(g.id, i) for i in range(8)]
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class FlattenLinear(nn.Module):
@@ -483,8 +489,8 @@ def test_flatten_linear_expands_each_channel_to_its_spatial_block():
         assert s.positions[s.units == u].tolist() == list(range(9 * u, 9 * u + 9))
     fc_group = group_of(cg, "fc")
     assert fc_group.spaces == ["fc"] and fc_group.prunable and fc_group.size == 7
-    res = prune_and_check(model, x, gm, cg)
-    assert res["fin"].get_submodule("fc").in_features == 9 * res["report"].kept[g.id]
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        assert res["fin"].get_submodule("fc").in_features == 9 * res["report"].kept[g.id]
 
 
 class Split(nn.Module):
@@ -569,7 +575,7 @@ def test_shuffle_of_four_channels():
     model, x, gm, cg = analyzed(ShuffleFour())
     g = group_of(cg, "conv")
     assert g.size == 2 and g.prunable, (g.size, g.reason)  # channel i is tied to i + 2
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class ChannelsLastLayerNorm(nn.Module):
@@ -590,7 +596,7 @@ def test_channels_last_layer_norm_blocks_the_group():
     g = group_of(cg, "conv")
     assert not g.prunable and "layer_norm" in g.reason and "norm" in g.reason
     assert group_of(cg, "other").prunable  # the next conv's channels are independent
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class Cumsum(nn.Module):
@@ -610,7 +616,7 @@ def test_unknown_op_blocks_the_touched_group_with_its_name():
     g = group_of(cg, "conv")
     assert not g.prunable and "torch.cumsum" in g.reason and "not understood" in g.reason
     assert group_of(cg, "mid").prunable
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class TwoOutputs(nn.Module):
@@ -631,8 +637,8 @@ def test_channels_reaching_the_graph_output_are_unprunable():
         g = group_of(cg, space)
         assert not g.prunable and "graph output" in g.reason
     assert [g.spaces for g in cg.prunable_groups] == [["mid"]]
-    res = prune_and_check(model, x, gm, cg)
-    assert isinstance(res["fin"](x), tuple)
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        assert isinstance(res["fin"](x), tuple)
 
 
 class GroupedConv(nn.Module):
@@ -652,9 +658,9 @@ def test_grouped_conv_couples_whole_conv_groups():
     assert sorted(g.spaces) == ["conv", "grouped"] and g.size == 4  # one unit per conv group
     gi, ui = cg.units.lookup(layer(cg, "grouped").in_ids)
     assert ui.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    res = prune_and_check(model, x, gm, cg)
-    m = res["fin"].get_submodule("grouped")
-    assert m.groups == res["report"].kept[g.id] and m.in_channels == 2 * m.groups
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        m = res["fin"].get_submodule("grouped")
+        assert m.groups == res["report"].kept[g.id] and m.in_channels == 2 * m.groups
 
 
 class ProducerFullyRemoved(nn.Module):
