@@ -172,7 +172,8 @@ def test_split_along_a_spatial_dim_keeps_its_literal_sizes():
     assert group_of(cg, "conv").prunable
     for res in prune_and_check_seeds(model, x, gm, cg):
         split = next(n for n in res["fin"].graph.nodes if n.target is torch.split)
-        assert list(split.args[1]) == [3, 5] and split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0) == 2
+        dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+        assert list(split.args[1]) == [3, 5] and dim == 2
 
 
 # ---- channel shuffle under many gate patterns (bug C) -------------------------------------------------

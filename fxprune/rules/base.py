@@ -229,11 +229,11 @@ def class_name(cls: type) -> str:
 
 
 def _computes_as(cls: type, base: type) -> bool:
-    """Whether ``cls`` runs ``base``'s forward and every method that forward calls on ``self``."""
-    forward = base.forward
-    code = getattr(forward, "__code__", None)
-    names = {"forward", "__call__"} | ({n for n in code.co_names if callable(getattr(base, n, None))} if code else set())
-    return all(getattr(cls, n, None) is getattr(base, n, None) for n in names)
+    """Whether ``cls`` runs ``base``'s forward and every method that forward names (one level:
+    ``Conv2d.forward`` -> ``_conv_forward``, ``_BatchNorm.forward`` -> ``_check_input_dim``)."""
+    code = getattr(base.forward, "__code__", None)
+    called = {n for n in code.co_names if callable(getattr(base, n, None))} if code is not None else set()
+    return all(getattr(cls, n, None) is getattr(base, n, None) for n in {"forward", "__call__", *called})
 
 
 def register_all(targets: Any, rule: OpRule) -> None:
