@@ -35,7 +35,7 @@ from fxprune.gcpause import gc_paused
 from fxprune.ir import (
     ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )
-from fxprune.rules.base import Category, arg, gate_anchor, op_name, rule_for
+from fxprune.rules.base import REGISTRY, Category, arg, gate_anchor, op_name, rule_for
 from fxprune.rules.pointwise import zero_at_zero
 from fxprune.tracing import TensorMeta
 
@@ -302,6 +302,10 @@ class Walk:
             reason = f"opaque module '{node.target}' ({type(mod).__name__}) at node '{node.name}'"
             if node.target in self.leaf_reasons:
                 reason += f": it could not be traced ({self.leaf_reasons[node.target]})"
+            base = REGISTRY.resolve(type(mod))[1]
+            if base is not None:  # a registered base whose rule the subclass does not get
+                reason += (f"; it subclasses {base.__name__} but overrides what {base.__name__}'s forward runs, "
+                           f"so {base.__name__}'s rule does not apply to it")
         reason += "; fxprune.register_op teaches fxprune a custom op"
         self.block(inputs, reason)
         return None

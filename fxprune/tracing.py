@@ -109,8 +109,10 @@ _SHAPE_METHODS = {
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_quantized"}
 _SHAPE_FUNCTIONS = {len, torch.numel}
 
-# Functional ops whose training flag would update running statistics while values are computed.
-_EVAL_ARGUMENT: dict[Callable[..., Any], str] = {F.batch_norm: "training"}
+# Functional ops whose training flag would update running statistics while values are computed:
+# op -> (the flag, the statistics it would update). Without statistics (weight standardization:
+# ``F.batch_norm(w, None, None, training=True)``) the flag only says to use the batch's own.
+_EVAL_ARGUMENT: dict[Callable[..., Any], tuple[str, str]] = {F.batch_norm: ("training", "running_mean")}
 
 
 @dataclass(frozen=True)
@@ -498,7 +500,9 @@ class ConcreteTracer(fx.Tracer):
                     return _call_in_eval(module, a, k)
                 if target in _EVAL_ARGUMENT:
                     bound = inspect.signature(target).bind(*a, **k)
-                    bound.arguments[_EVAL_ARGUMENT[target]] = False
+                    flag, stats = _EVAL_ARGUMENT[target]
+                    if bound.arguments.get(stats) is not None:
+                        bound.arguments[flag] = False
                     a, k = bound.args, bound.kwargs
                 return target(*a, **k)
         except Exception as exc:  # noqa: BLE001 - reported by trace() with the inputs' shapes

@@ -180,6 +180,12 @@ def prune_and_check(model: nn.Module, x: torch.Tensor, gm=None, cg=None, seed: i
     return {"gm": gm, "cg": cg, "gated": gated, "fin": fin, "report": rep, "diff": ours}
 
 
+def prune_and_check_seeds(model: nn.Module, x: torch.Tensor, gm, cg, seeds: int = 3) -> list[dict]:
+    """``prune_and_check`` under several random gate patterns (random kept scales): one pattern
+    can happen to avoid the case a rule gets wrong."""
+    return [prune_and_check(model, x, gm, cg, seed=seed) for seed in range(seeds)]
+
+
 @functools.lru_cache(maxsize=1)
 def traced_resnet18():
     model, x = build("resnet18")
@@ -321,7 +327,7 @@ def test_untraceable_submodule_becomes_an_opaque_leaf():
     assert "'odd'" in before.reason and "DataDependent" in before.reason
     after = next(g for g in cg.groups if g.spaces == ["c2"])
     assert after.prunable  # c2 only reads the leaf's output: its own channels are free
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 def test_trace_rejects_non_modules_and_bad_inputs():
@@ -381,7 +387,7 @@ def test_residual_add_couples_producers_into_one_group():
                      ("bn", "running_var", 0), ("head", "weight", 1)}
     head = group_of(cg, "head")
     assert not head.prunable and "output" in head.reason
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class Concat(nn.Module):
@@ -403,9 +409,9 @@ def test_cat_concatenates_groups_in_the_consumer_input():
     assert in_units(cg, "head") == [(ga.id, i) for i in range(4)] + [(gb.id, i) for i in range(6)]
     assert slice_of(ga, "head", "weight", 1).ranges == [(0, 4)]
     assert slice_of(gb, "head", "weight", 1).ranges == [(4, 10)]
-    res = prune_and_check(model, x, gm, cg)
-    fin_head = res["fin"].get_submodule("head")
-    assert fin_head.in_channels == res["report"].kept[ga.id] + res["report"].kept[gb.id]
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        fin_head = res["fin"].get_submodule("head")
+        assert fin_head.in_channels == res["report"].kept[ga.id] + res["report"].kept[gb.id]
 
 
 class Depthwise(nn.Module):
@@ -430,10 +436,10 @@ def test_depthwise_conv_couples_input_and_output():
     gi, ui = cg.units.lookup(dw.in_ids)
     go, uo = cg.units.lookup(dw.out_ids)
     assert (gi == g.id).all() and (go == g.id).all() and (ui == uo).all()
-    res = prune_and_check(model, x, gm, cg)
-    dwm = res["fin"].get_submodule("dw")
-    k = res["report"].kept[g.id]
-    assert dwm.groups == dwm.in_channels == dwm.out_channels == k
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        dwm = res["fin"].get_submodule("dw")
+        k = res["report"].kept[g.id]
+        assert dwm.groups == dwm.in_channels == dwm.out_channels == k
 
 
 class SE(nn.Module):
@@ -458,7 +464,7 @@ def test_se_mul_couples_excitation_with_features():
     assert squeeze.spaces == ["fc1"] and squeeze.size == 2 and squeeze.prunable
     assert in_units(cg, "fc1") == [(g.id, i) for i in range(8)]
     assert in_units(cg, "head") == [(g.id, i) for i in range(8)]
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class FlattenLinear(nn.Module):
@@ -483,8 +489,8 @@ def test_flatten_linear_expands_each_channel_to_its_spatial_block():
         assert s.positions[s.units == u].tolist() == list(range(9 * u, 9 * u + 9))
     fc_group = group_of(cg, "fc")
     assert fc_group.spaces == ["fc"] and fc_group.prunable and fc_group.size == 7
-    res = prune_and_check(model, x, gm, cg)
-    assert res["fin"].get_submodule("fc").in_features == 9 * res["report"].kept[g.id]
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        assert res["fin"].get_submodule("fc").in_features == 9 * res["report"].kept[g.id]
 
 
 class Split(nn.Module):
@@ -569,7 +575,7 @@ def test_shuffle_of_four_channels():
     model, x, gm, cg = analyzed(ShuffleFour())
     g = group_of(cg, "conv")
     assert g.size == 2 and g.prunable, (g.size, g.reason)  # channel i is tied to i + 2
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class ChannelsLastLayerNorm(nn.Module):
@@ -590,7 +596,7 @@ def test_channels_last_layer_norm_blocks_the_group():
     g = group_of(cg, "conv")
     assert not g.prunable and "layer_norm" in g.reason and "norm" in g.reason
     assert group_of(cg, "other").prunable  # the next conv's channels are independent
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class Cumsum(nn.Module):
@@ -610,7 +616,7 @@ def test_unknown_op_blocks_the_touched_group_with_its_name():
     g = group_of(cg, "conv")
     assert not g.prunable and "torch.cumsum" in g.reason and "not understood" in g.reason
     assert group_of(cg, "mid").prunable
-    prune_and_check(model, x, gm, cg)
+    prune_and_check_seeds(model, x, gm, cg)
 
 
 class TwoOutputs(nn.Module):
@@ -631,8 +637,8 @@ def test_channels_reaching_the_graph_output_are_unprunable():
         g = group_of(cg, space)
         assert not g.prunable and "graph output" in g.reason
     assert [g.spaces for g in cg.prunable_groups] == [["mid"]]
-    res = prune_and_check(model, x, gm, cg)
-    assert isinstance(res["fin"](x), tuple)
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        assert isinstance(res["fin"](x), tuple)
 
 
 class GroupedConv(nn.Module):
@@ -652,9 +658,9 @@ def test_grouped_conv_couples_whole_conv_groups():
     assert sorted(g.spaces) == ["conv", "grouped"] and g.size == 4  # one unit per conv group
     gi, ui = cg.units.lookup(layer(cg, "grouped").in_ids)
     assert ui.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    res = prune_and_check(model, x, gm, cg)
-    m = res["fin"].get_submodule("grouped")
-    assert m.groups == res["report"].kept[g.id] and m.in_channels == 2 * m.groups
+    for res in prune_and_check_seeds(model, x, gm, cg):
+        m = res["fin"].get_submodule("grouped")
+        assert m.groups == res["report"].kept[g.id] and m.in_channels == 2 * m.groups
 
 
 class ProducerFullyRemoved(nn.Module):
@@ -722,6 +728,32 @@ def float32_noise(gated: nn.Module, x: torch.Tensor) -> float:
         return rel_diff(gated(x), copy.deepcopy(gated).double()(x.double()))
 
 
+def prune_and_check_conditioned(name: str, model: nn.Module, x: torch.Tensor, gm, cg, seed: int = 0) -> nn.Module:
+    """``prune_and_check``; where it fails on a model whose float32 gated version is itself off
+    its float64 twin by more than RTOL / 10 (rounding amplified by a deep, randomly initialised
+    net), the same check in float64, where rounding is ~1e-9 times smaller. A difference of
+    finalize's own survives float64; rounding does not. Returns the float32 gated module."""
+    try:
+        with warnings.catch_warnings():  # finalize warns when only float64 confirms it; checked below
+            warnings.simplefilter("ignore", fxprune.FxpruneWarning)
+            return prune_and_check(model, x, gm, cg, seed=seed)["gated"]
+    except (fxprune.EquivalenceError, AssertionError):
+        gated, gates = insert_gates(gm, cg)
+        set_random_gates(gates, seed)
+        noise = float32_noise(gated, x)
+        if noise < RTOL / 10:
+            raise  # a well-conditioned model: the difference is finalize's
+        warnings.warn(f"{name}: the float32 gated model is {noise:.1e} from its float64 twin; "
+                      "finalize is checked in float64")
+        model64, x64 = copy.deepcopy(model).double(), x.double()
+        res = prune_and_check(model64, x64, seed=seed)
+        # rounding errors scale with the unit roundoff: float64's is ~2e-9 times float32's
+        assert res["diff"] <= max(1e-9, 1e-6 * noise), (noise, res["diff"])
+        return gated
+    finally:
+        gc.collect()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.xfail(reason=SWEEP_KNOWN_FAILURES[n], raises=RuntimeError, strict=False))
@@ -747,24 +779,50 @@ def test_every_torchvision_model(name):
     if not cg.prunable_groups:
         assert_unchanged(model, snapshot)
         return
-    try:
-        with warnings.catch_warnings():  # finalize warns when only float64 confirms it; checked below
-            warnings.simplefilter("ignore", fxprune.FxpruneWarning)
-            prune_and_check(model, x, gm, cg)
-    except (fxprune.EquivalenceError, AssertionError):
-        gated, gates = insert_gates(gm, cg)
-        set_random_gates(gates)
-        noise = float32_noise(gated, x)
-        if noise < RTOL / 10:
-            raise  # a well-conditioned model: the difference is finalize's
-        warnings.warn(f"{name}: the float32 gated model is {noise:.1e} from its float64 twin; "
-                      "finalize is checked in float64")
-        del gated, gates, gm, cg
-        gc.collect()
-        model64, x64 = copy.deepcopy(model).double(), x.double()
-        res = prune_and_check(model64, x64)
-        # rounding errors scale with the unit roundoff: float64's is ~2e-9 times float32's
-        assert res["diff"] <= max(1e-9, 1e-6 * noise), (noise, res["diff"])
-    finally:
-        gc.collect()
+    prune_and_check_conditioned(name, model, x, gm, cg)
     assert_unchanged(model, snapshot)
+
+
+# ---- timm: norm-act layers and the families built from them (issue 30 §1) ---------------------------
+# timm fuses BatchNorm and its activation into one BatchNormAct2d (a BatchNorm2d subclass); while
+# it inherited BatchNorm's rule, gates folded through the activation and every one of these
+# failed finalize's check. The slow list adds more of timm's mobile families (weight-standardized
+# convs, which no longer get Conv2d's rule either: tests/test_rules.py).
+TIMM_DEFAULT = ["mobilenetv3_small_050", "efficientnet_b0", "mixnet_s", "lcnet_050", "ghostnet_050"]
+TIMM_SLOW = ["mobilenetv3_large_100", "mobilenetv2_050", "efficientnet_lite0", "tf_efficientnet_b0", "tf_mixnet_s",
+             "tinynet_e", "hardcorenas_a", "tf_efficientnetv2_b0", "rexnet_100", "efficientnet_b0_gn",
+             "mobilenetv4_conv_small", "repghostnet_050"]
+
+
+def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
+    timm = pytest.importorskip("timm", reason="timm is a dev dependency: pip install -e '.[dev]'")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    calibrate(model, x)
+    return model, x
+
+
+def check_timm(name: str) -> None:
+    model, x = build_timm(name)
+    with torch.no_grad():
+        dense = model(x)
+    gm = fxprune.trace(model, (x,))
+    cg = fxprune.analyze(gm)
+    for seed in range(3):  # several random gate patterns, kept units at random scales
+        gated = prune_and_check_conditioned(name, model, x, gm, cg, seed=seed)
+        with torch.no_grad():
+            assert rel_diff(gated(x), dense) > 1e-3  # the gates change the function
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", TIMM_DEFAULT)
+def test_timm_norm_act_families_finalize_exactly(name):
+    check_timm(name)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", TIMM_SLOW)
+def test_timm_more_families_finalize_exactly(name):
+    check_timm(name)

@@ -87,6 +87,8 @@ class OpRule:
     - ``keeps_zero(node, modules)``: an all-zero channel stays all zero through this call, though
       its values may move (pooling, resizing, zero padding, reductions over other dims): a
       removed channel is then known to be zero downstream without running the model.
+    - ``subclasses``: the rule is true of any subclass of the class it is registered for, even
+      one that overrides ``forward``; by default such a subclass gets no rule (see ``_Registry``).
     """
 
     name: str
@@ -97,6 +99,7 @@ class OpRule:
     rewrite: Callable[[Rewrite, fx.Node], None] | None = None
     per_channel: bool = False
     keeps_zero: Callable[[fx.Node, dict[str, nn.Module]], bool] | None = None
+    subclasses: bool = False
 
 
 def always(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -105,12 +108,21 @@ def always(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 class _Registry:
-    """Rules by function object, method name and module class (most specific class wins)."""
+    """Rules by function object, method name and module class (most specific class wins).
+
+    A module class is found by its own entry, or by its qualified name (``register_named``: for
+    layers of optional packages, without importing them). A subclass inherits a base's rule only
+    if it computes what the base computes: it overrides neither ``forward`` nor a method that
+    the base's ``forward`` calls on ``self`` (``_conv_forward``), or the rule says
+    ``subclasses=True``. timm's ``BatchNormAct2d`` subclasses ``BatchNorm2d`` and adds an
+    activation in its own ``forward``; BatchNorm's rule would fold gates through that activation.
+    """
 
     def __init__(self) -> None:
         self.functions: dict[Any, OpRule] = {}
         self.methods: dict[str, OpRule] = {}
         self.modules: dict[type, OpRule] = {}
+        self.named: dict[str, OpRule] = {}
 
     def _table(self, target: Any) -> dict:
         if isinstance(target, str):
@@ -125,19 +137,29 @@ class _Registry:
         raise ConfigError(f"register_op: cannot register {target!r}; give a module class, a function "
                           "or a tensor method name such as 'view'")
 
-    def add(self, target: Any, rule: OpRule, replace: bool) -> None:
-        table = self._table(target)
+    def add(self, target: Any, rule: OpRule, replace: bool, table: dict | None = None) -> None:
+        table = self._table(target) if table is None else table
         if target in table and not replace and table[target] is not rule:
             raise ConfigError(f"register_op: {op_label(target)} already has the rule {table[target].name!r}; "
                               "pass replace=True to override it")
         table[target] = rule
 
-    def module_rule(self, module: nn.Module) -> OpRule | None:
-        for cls in type(module).__mro__:
-            rule = self.modules.get(cls)
+    def _own(self, cls: type) -> OpRule | None:
+        rule = self.modules.get(cls)
+        return rule if rule is not None else self.named.get(class_name(cls))
+
+    def resolve(self, cls: type) -> tuple[OpRule | None, type | None]:
+        """``cls``'s rule, and the nearest registered class (itself or a base) it was sought from:
+        a base with a rule but no rule means the subclass changed what the base computes."""
+        for base in cls.__mro__:
+            rule = self._own(base)
             if rule is not None:
-                return rule
-        return None
+                honest = base is cls or rule.subclasses or _computes_as(cls, base)
+                return (rule if honest else None), base
+        return None, None
+
+    def module_rule(self, module: nn.Module) -> OpRule | None:
+        return self.resolve(type(module))[0]
 
     def lookup(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpRule | None:
         if node.op == "call_module":
@@ -177,14 +199,41 @@ def register_op(target: Any, rule: OpRule, *, replace: bool = False) -> None:
     a function, or a tensor method name.
 
     Module classes registered here are also kept as leaves by ``fxprune.trace``, so their own
-    forward is not traced into (Functions always are). Raises ``ConfigError`` if ``target``
-    already has a different rule and ``replace`` is False.
+    forward is not traced into (Functions always are). Their subclasses get the rule only if
+    they keep its ``forward`` (see ``_Registry``); register a subclass that changes it, or build
+    the rule with ``subclasses=True``. Raises ``ConfigError`` if ``target`` already has a
+    different rule and ``replace`` is False.
     """
     if not isinstance(rule, OpRule):
         raise ConfigError(f"register_op expects an fxprune.rules.OpRule, got {type(rule).__name__}")
     if isinstance(target, type) and issubclass(target, torch.autograd.Function):
         target = function_target(target)
     REGISTRY.add(target, rule, replace)
+
+
+def register_named(qualname: str, rule: OpRule, *, replace: bool = False) -> None:
+    """``register_op`` for a module class named by ``module.QualName`` (``type(m).__module__``
+    and ``__qualname__``): a layer of a package fxprune does not import, such as
+    ``"timm.layers.norm_act.BatchNormAct2d"``. Raises ``ConfigError`` as ``register_op`` does."""
+    if not isinstance(rule, OpRule):
+        raise ConfigError(f"register_named expects an fxprune.rules.OpRule, got {type(rule).__name__}")
+    if not isinstance(qualname, str) or "." not in qualname:
+        raise ConfigError(f"register_named: {qualname!r} is not a qualified class name such as "
+                          "'timm.layers.norm_act.BatchNormAct2d'")
+    REGISTRY.add(qualname, rule, replace, table=REGISTRY.named)
+
+
+def class_name(cls: type) -> str:
+    """The name ``register_named`` knows a class by."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _computes_as(cls: type, base: type) -> bool:
+    """Whether ``cls`` runs ``base``'s forward and every method that forward names (one level:
+    ``Conv2d.forward`` -> ``_conv_forward``, ``_BatchNorm.forward`` -> ``_check_input_dim``)."""
+    code = getattr(base.forward, "__code__", None)
+    called = {n for n in code.co_names if callable(getattr(base, n, None))} if code is not None else set()
+    return all(getattr(cls, n, None) is getattr(base, n, None) for n in {"forward", "__call__", *called})
 
 
 def register_all(targets: Any, rule: OpRule) -> None:
@@ -217,7 +266,7 @@ def is_registered_module(module: nn.Module) -> bool:
 
 def op_label(target: Any) -> str:
     if isinstance(target, str):
-        return f"method .{target}()"
+        return f"class {target}" if "." in target else f"method .{target}()"
     if isinstance(target, type):
         return f"module class {target.__name__}"
     return f"function {getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', str(target))}"

@@ -3,7 +3,8 @@
 Batch and instance norms are per channel; a group norm's statistics span a norm group, so a
 whole norm group is one unit (dropping it lowers ``num_groups``); a layer norm over the
 channels changes every channel's statistics and blocks them. ``per_channel`` builds the rule a
-user registers for a custom per-channel layer.
+user registers for a custom per-channel layer; ``norm_then_act`` the rule of a norm followed by
+an activation inside one module (timm's norm-act layers, registered by name: timm stays optional).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import ChannelMap
-from fxprune.rules.base import Category, OpRule, arg, register_all
+from fxprune.rules.base import REGISTRY, Category, OpRule, arg, register_all, register_named
 
 if TYPE_CHECKING:
     from fxprune.analysis import Walk
@@ -64,6 +65,27 @@ def per_channel(params: Sequence[str] = ("weight", "bias"), buffers: Sequence[st
 
     return OpRule(name, Category.NORM, propagate, gate_params=gate_params if fold else None,
                   resize=resize, per_channel=True)
+
+
+def norm_then_act(norm: OpRule, name: str) -> OpRule:
+    """The rule of a module that applies ``norm`` and then its ``drop`` and ``act`` submodules
+    (timm's ``BatchNormAct2d`` family): channels move as through ``norm`` when both are
+    parameter-free element-wise ops, else they are blocked. A gate after such a module cannot
+    fold into the norm's affine parameters (the activation between is not linear), so it offers
+    none: the producer before it is gated instead, and its gate folds into that producer."""
+
+    def propagate(walk: "Walk", node: fx.Node) -> Any:
+        mod = walk.module(node)
+        for part in ("drop", "act"):
+            sub = getattr(mod, part, None)
+            rule = REGISTRY.module_rule(sub) if isinstance(sub, nn.Module) else None
+            if sub is not None and (rule is None or rule.category is not Category.POINTWISE
+                                    or any(True for _ in sub.parameters()) or any(True for _ in sub.buffers())):
+                return walk.opaque(node, f"{name} '{node.target}': its {part} ({type(sub).__name__}) is not a "
+                                         "parameter-free element-wise op with a rule (fxprune.register_op)")
+        return norm.propagate(walk, node)
+
+    return OpRule(name, Category.NORM, propagate, resize=norm.resize, per_channel=norm.per_channel)
 
 
 def _batchnorm_function(walk: "Walk", node: fx.Node) -> Any:
@@ -149,3 +171,15 @@ register_all((F.batch_norm, F.instance_norm), BATCHNORM_FUNCTION)
 register_all((nn.GroupNorm, F.group_norm), GROUPNORM)
 register_all((nn.LayerNorm, F.layer_norm), LAYERNORM)
 register_all((nn.PReLU,), PRELU)
+
+# timm's norm-act layers, by name: timm stays optional. LayerNormAct* and RmsNormAct* normalize
+# over the channels: they get no rule, are traced into, and their norm blocks the channels.
+_TIMM = "timm.layers.norm_act."
+BATCHNORM_ACT = norm_then_act(BATCHNORM, "batch_norm + act")
+FROZEN_BATCHNORM_ACT = norm_then_act(per_channel(params=(), buffers=("weight", "bias", "running_mean", "running_var")),
+                                     "frozen batch_norm + act")
+GROUPNORM_ACT = norm_then_act(GROUPNORM, "group_norm + act")
+for _name, _rule in (("BatchNormAct2d", BATCHNORM_ACT), ("SyncBatchNormAct", BATCHNORM_ACT),
+                     ("FrozenBatchNormAct2d", FROZEN_BATCHNORM_ACT), ("GroupNormAct", GROUPNORM_ACT),
+                     ("GroupNorm1Act", GROUPNORM_ACT)):
+    register_named(_TIMM + _name, _rule)

@@ -153,8 +153,8 @@ def _rewrite_functional_groups(rw: Rewrite, node: fx.Node) -> None:
     """``F.conv2d(..., groups=g)`` with a literal g: lower it with the kept conv groups."""
     groups = arg(node, 6, "groups", 1)
     weight = arg(node, 1, "weight")
-    if not isinstance(groups, int) or groups == 1 or not isinstance(weight, fx.Node):
-        return
+    if not isinstance(groups, int) or groups == 1 or not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return  # a computed weight made the conv opaque: its channels, and so its groups, stay
     path, _, name = weight.target.rpartition(".")
     kept_out = getattr(rw.gm.get_submodule(path), name).shape[0]
     new = kept_out // (node.meta["fxprune_value"].shape[1] // groups)
