@@ -16,6 +16,8 @@ from fxprune.models import build_model
 from fxprune.schedules import Clock, stepwise
 from helpers import run_steps
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _tiny() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -176,23 +178,24 @@ def test_greg1w_shrinks_the_smallest_weights_by_the_official_factor_then_masks_t
 
 def _real_run(method: str):
     torch.manual_seed(0)
-    data = digits_loaders(image_size=16, batch_size=64, seed=0)
+    data = digits_loaders(image_size=8, batch_size=64, seed=0)
     return fxprune.compile(build_model("resnet20"), method, fxprune.Budget(flops=0.5), data.example_inputs(),
                            train_loader=data.train, eval_loader=data.test, epochs=2, progress=False, bn_recalibration=8)
 
 
 def test_greg1_short_real_run_reaches_the_ratio_and_stays_finite():
-    r = _real_run("greg1")  # one epoch of training, then the whole official schedule in one epoch
+    # one epoch of training, then the whole official schedule in one epoch (the old schedule,
+    # sum lr * lam = 0.27, ended this run at ratio 1.2 and 29% with BN re-estimated)
+    r = _real_run("greg1")
     rep = r.report.method_report
-    assert rep["mag_ratio_min"] >= 1000  # the old gradient schedule ended near 10-13
-    assert rep["integrated_lr_lam"] == pytest.approx(60.0, rel=0.05)  # old: about 0.27
+    assert rep["mag_ratio_min"] >= 1000
+    assert rep["integrated_lr_lam"] == pytest.approx(60.0, rel=0.05)
     assert all(math.isfinite(e["train_loss"]) for e in r.report.epochs)
-    assert r.report.accuracy["pruned_bn"] > 0.3  # chance is 0.1
+    assert r.report.accuracy["pruned_bn"] > 0.35  # 45% here; chance is 10%
 
 
-@pytest.mark.slow
 def test_tpp_short_real_run_zeroes_p_so_removing_it_changes_nothing():
-    r = _real_run("tpp")
+    r = _real_run("tpp")  # the old schedule: 20% raw, 48% with BN re-estimated
     acc = r.report.accuracy
-    assert r.report.method_report["mag_ratio_min"] > 1e6 and acc["pruned"] > 0.6
-    assert acc["pruned"] == pytest.approx(acc["gated"], abs=0.02)
+    assert r.report.method_report["mag_ratio_min"] > 1e6 and r.report.method_report["zero_out_turns"] >= 19
+    assert acc["pruned"] > 0.8 and acc["pruned"] == pytest.approx(acc["gated"], abs=0.01)
