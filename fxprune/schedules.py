@@ -13,6 +13,9 @@ method file states its mechanism and not its bookkeeping (the shape of
 - ``cubic``: Zhu and Gupta's ramp, used by GMP, GraNet, cyclical pruning and the N:M ramp.
 - ``stepwise``: a value raised by a fixed increment every ``every`` steps up to a ceiling (GReg's
   lambda schedule: +1e-4 every 10 iterations up to 1 in the official code).
+- ``Clock``: a paper's absolute iteration counts (GReg's 100k iterations of growth, 10k of
+  stabilize) compressed into the steps of a run: each run step stands for ``per_step`` official
+  iterations, and ``events`` counts the official every-K updates that fall inside one step.
 
 >>> w = AdaptiveWeight(1.0, rate=0.2, total_steps=100)  # 100 steps: one step is 1% of training
 >>> w.update(grow=True), round(w.update(grow=True), 4)
@@ -25,6 +28,9 @@ method file states its mechanism and not its bookkeeping (the shape of
 0.7
 >>> [stepwise(s, increment=0.25, every=10, ceiling=1.0) for s in (0, 9, 10, 35, 80)]
 [0.0, 0.0, 0.25, 0.75, 1.0]
+>>> c = Clock(iterations=1000, steps=40)  # 25 official iterations per run step
+>>> c.per_step, c.at(4), [c.events(s, every=10) for s in (1, 2, 3, 4)]
+(25.0, 100.0, [2, 3, 2, 3])
 """
 from __future__ import annotations
 
@@ -97,3 +103,34 @@ def stepwise(step: int, increment: float, every: int, ceiling: float) -> float:
     if every < 1:
         raise ConfigError(f"stepwise schedule needs every >= 1, got {every}")
     return min(increment * (step // every), ceiling)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """An official schedule of ``iterations`` iterations laid over a run of ``steps`` steps: run step
+    ``s`` (1-based) stands for official iterations ``(at(s - 1), at(s)]``. A method that counts its
+    updates in official iterations (every K of them) then keeps the official schedule's shape and
+    its integrated quantities at any run length: a run of 10x the steps makes each step stand for
+    10x fewer iterations. Raises ``ConfigError`` for ``iterations <= 0`` or ``steps < 1``."""
+
+    iterations: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not self.iterations > 0 or self.steps < 1:
+            raise ConfigError(f"Clock needs iterations > 0 and steps >= 1; got iterations={self.iterations}, "
+                              f"steps={self.steps}")
+
+    @property
+    def per_step(self) -> float:
+        """Official iterations one run step stands for (below 1 when the run is the longer)."""
+        return self.iterations / self.steps
+
+    def at(self, step: float) -> float:
+        """The official iteration reached after run step ``step``."""
+        return step * self.per_step
+
+    def events(self, step: int, every: float) -> int:
+        """How many official updates "every ``every`` iterations" fall in run step ``step``:
+        the multiples of ``every`` in ``(at(step - 1), at(step)]``."""
+        return math.floor(self.at(step) / every + 1e-9) - math.floor(self.at(step - 1) / every + 1e-9)
