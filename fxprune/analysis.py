@@ -179,21 +179,23 @@ class Walk:
         """In the gated model, are ``node``'s removed channels exactly zero? At a gate (where a
         producer's gate sits: after its norm when that is the sole user) and through ops that keep
         a zero channel zero: data movement, activations with f(0) = 0, pooling and reductions over
-        other dims, a product with such an operand, a sum of such operands."""
+        other dims, a product with such an operand, a sum or concatenation of such operands."""
         if self._gated[0] != len(self.sites):  # the producers upstream of ``node`` are all known
             nodes = {n.name: n for n in self.gm.graph.nodes}
             self._gated = (len(self.sites), {gate_anchor(self.gm, nodes[s], self.modules) for s, _, _ in self.sites})
         gated, memo = self._gated[1], {}
 
         def zero(n: Any) -> bool:
-            if not isinstance(n, fx.Node) or self.map(n) is None:
+            if not isinstance(n, fx.Node):
                 return False
             if n in gated:
                 return True
             if n not in memo:
                 rule = rule_for(n, self.modules)
                 tensors = [a for a in n.args if self.is_tensor(a)]
-                if rule is None or not n.args:
+                if rule is not None and rule.category is Category.CONCAT and n.args:
+                    memo[n] = all(zero(a) for a in n.args[0])
+                elif rule is None or not n.args:
                     memo[n] = False
                 elif rule.category is Category.MOVEMENT or zero_at_zero(n, self.modules) or (
                         rule.category in (Category.SPATIAL, Category.REDUCE) and rule.keeps_zero is not None

@@ -250,11 +250,13 @@ def rule_for(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule | None:
 def gate_anchor(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     """Where a producer's channels are gated (or scored by their norm): the producer itself, or
     its sole user when that user is a norm with per-channel affine parameters (a gate after it
-    folds into them exactly)."""
+    folds into them exactly). Never past a layer norm: it mixes the channels it normalizes, so a
+    gate after one is that norm's own site (``rules.norms``), not a producer's."""
     users = list(node.users)
     if len(users) == 1 and users[0].args and users[0].args[0] is node:
         rule = rule_for(users[0], modules)
-        if rule is not None and rule.category is Category.NORM and rule.gate_params is not None \
+        if rule is not None and rule.category is Category.NORM and rule.name != "layer_norm" \
+                and rule.gate_params is not None \
                 and rule.gate_params(gm, users[0]):
             return users[0]
     return node

@@ -83,7 +83,7 @@ def _zero_preserving(node: fx.Node, operand: fx.Node) -> bool:
 
 def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
     """The parameter/buffer (its get_attr node) and its dim that dim ``dim`` of ``node`` reads one to one, through
-    casts, copies, ``unsqueeze`` and expansions that keep that dim (a ViT's class token,
+    casts, copies, ``unsqueeze``, reshapes that only add or drop size-1 dims and expansions that keep that dim (a ViT's class token,
     ``cls_token.expand(B, -1, -1)``, joins the embedding channels): slicing it slices ``node``.
     None when ``node`` is computed otherwise, or an expansion names that dim's size (-1 keeps
     it; a literal size would not follow the pruned width)."""
@@ -102,6 +102,17 @@ def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] 
             if at == dim:
                 return None
             dim, node = dim - (dim > at), src
+            continue
+        if name in ("reshape", "view") and node.op == "call_method":  # gamma.reshape(1, -1, 1, 1)
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = tuple(sizes[0])
+            out_shape, in_shape = walk.meta(node).shape, walk.meta(src).shape
+            solid = [d for d, n in enumerate(out_shape) if n != 1]
+            if dim not in solid or len(sizes) != len(out_shape) or sizes[dim] != -1 \
+                    or [out_shape[d] for d in solid] != [n for n in in_shape if n != 1]:
+                return None
+            dim, node = [d for d, n in enumerate(in_shape) if n != 1][solid.index(dim)], src
             continue
         if name in _EXPAND_METHODS:
             shift = len(walk.meta(node).shape) - len(walk.meta(src).shape)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import ChannelMap
-from fxprune.rules.base import REGISTRY, Category, OpRule, arg, register_all, register_named
+from fxprune.rules.base import REGISTRY, Category, OpRule, Rewrite, arg, register_all, register_named
 
 if TYPE_CHECKING:
     from fxprune.analysis import Walk
@@ -121,17 +122,89 @@ def _groupnorm(walk: "Walk", node: fx.Node) -> Any:
     return xm
 
 
+def dense_count_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           dense: int) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` (the kept channels) with the statistics the dense
+    layer computed when the removed channels were zero: mean = sum / n, var = (sum of
+    (x - mean)^2 over the kept + (n - kept) * mean^2) / n, n = ``dense``."""
+    mean = x.sum(-1, keepdim=True) / dense
+    var = (((x - mean) ** 2).sum(-1, keepdim=True) + (dense - x.shape[-1]) * mean ** 2) / dense
+    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+class DenseCountLayerNorm(nn.LayerNorm):
+    """A pruned ``nn.LayerNorm`` over the channels: ``dense_count_layer_norm`` with
+    ``dense_features`` (what finalize makes of one, ``_resize_layernorm``)."""
+
+    dense_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_count_layer_norm(x, self.weight, self.bias, self.eps, self.dense_features)
+
+
+def _layernorm_parts(walk: "Walk", node: fx.Node) -> tuple[int, list[str]]:
+    """How many trailing dims it normalizes and its affine parameters (qualified names; empty
+    unless both weight and bias are stored tensors)."""
+    if node.op == "call_module":
+        mod = walk.module(node)
+        params = _module_params(mod, node.target, ("weight", "bias"))
+        return len(mod.normalized_shape), params if len(params) == 2 else []
+    ns = arg(node, 1, "normalized_shape")
+    affine = [arg(node, 2, "weight"), arg(node, 3, "bias")]
+    params = [a.target for a in affine if isinstance(a, fx.Node) and a.op == "get_attr"]
+    return (len(ns) if isinstance(ns, (tuple, list)) else 1), params if len(params) == 2 else []
+
+
 def _layernorm(walk: "Walk", node: fx.Node) -> Any:
+    """Over other dims the channels pass. Over the channels (the last dim alone), with stored
+    weight and bias, it prunes exactly where the removed channels are zero at its input: its
+    output is gated there too (the gate folds into weight and bias) and finalize gives it the
+    dense statistics (``dense_count_layer_norm``). Anything else over the channels blocks them."""
     xm = walk.map(node.args[0])
     shape = walk.meta(node.args[0]).shape
-    if node.op == "call_module":
-        normalized = len(walk.module(node).normalized_shape)
+    normalized, params = _layernorm_parts(walk, node)
+    if not set(xm.dims) & set(range(len(shape) - normalized, len(shape))):
+        return xm
+    where = f"layer_norm at '{node.name}'"
+    if normalized != 1 or xm.dims != (len(shape) - 1,) or not params:
+        walk.block(xm, f"{where} normalizes over the channels (their statistics would change)")
+    elif not walk.removed_are_zero(node.args[0]):
+        walk.block(xm, f"{where} normalizes over the channels, where removed channels are not known to be zero "
+                       "(their statistics would change)")
     else:
-        ns = arg(node, 1, "normalized_shape")
-        normalized = len(ns) if isinstance(ns, (tuple, list)) else 1
-    if set(xm.dims) & set(range(len(shape) - normalized, len(shape))):
-        walk.block(xm, f"layer_norm at '{node.name}' normalizes over the channels (their statistics would change)")
+        _bind_all(walk, node, xm, params)
+        walk.add_site(node.name, len(shape) - 1, xm.ids)
     return xm
+
+
+def _layernorm_gate_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return [(q, 0) for q in _module_params(mod, node.target, ("weight", "bias"))] \
+            if len(mod.normalized_shape) == 1 else []
+    affine = [arg(node, 2, "weight"), arg(node, 3, "bias")]
+    return [(a.target, 0) for a in affine if isinstance(a, fx.Node) and a.op == "get_attr"]
+
+
+def _resize_layernorm(mod: nn.Module) -> None:
+    """A LayerNorm whose channels were sliced keeps the dense count in its statistics."""
+    if mod.weight is None or len(mod.normalized_shape) != 1 or mod.weight.shape[0] == mod.normalized_shape[0]:
+        return
+    dense = getattr(mod, "dense_features", mod.normalized_shape[0])
+    mod.__class__ = DenseCountLayerNorm
+    mod.dense_features, mod.normalized_shape = dense, (mod.weight.shape[0],)
+
+
+def _rewrite_layernorm(rw: Rewrite, node: fx.Node) -> None:
+    """``F.layer_norm`` over pruned channels becomes ``dense_count_layer_norm`` (its literal
+    ``normalized_shape`` would no longer fit)."""
+    xm = rw.map_of(node.args[0])
+    if node.op != "call_function" or not isinstance(xm, ChannelMap) or len(xm.dims) != 1 \
+            or xm.dims[0] != len(node.args[0].meta["fxprune_value"].shape) - 1 or rw.kept(xm.ids).all():
+        return
+    node.target = dense_count_layer_norm
+    node.args = (node.args[0], arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5), xm.ids.size)
+    node.kwargs = {}
 
 
 def _prelu(walk: "Walk", node: fx.Node) -> Any:
@@ -163,7 +236,8 @@ BATCHNORM = per_channel(params=("weight", "bias"), buffers=("running_mean", "run
 BATCHNORM_FUNCTION = OpRule("batch_norm (functional)", Category.NORM, _batchnorm_function, per_channel=True)
 GROUPNORM = OpRule("group_norm", Category.NORM, _groupnorm, gate_params=_groupnorm_gate_params,
                    resize=_resize_groupnorm)
-LAYERNORM = OpRule("layer_norm", Category.NORM, _layernorm)
+LAYERNORM = OpRule("layer_norm", Category.NORM, _layernorm, gate_params=_layernorm_gate_params,
+                   resize=_resize_layernorm, rewrite=_rewrite_layernorm)
 PRELU = OpRule("prelu", Category.POINTWISE, _prelu, resize=_resize_prelu, per_channel=True)
 
 register_all(BATCHNORM_MODULES, BATCHNORM)
