@@ -70,6 +70,7 @@ from fxprune.schedules import AdaptiveWeight, linear_path, progress
 
 FLOOR = 0.01  # the S-curve's floor: every unit keeps some chance during the search
 SCORES = ("bn_scale", "l1", "conv_bn")
+ADAM_BETAS = (0.5, 0.9)  # Adam's memory on a: short, so that alpha settles on the budget (module docstring)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class DSAOptions:
     rho: float = 0.01  # ADMM penalty weight at the start of the search
     rho_rate: float = 0.05  # rho grows by 1 + rho_rate per 1% of the search
     warmup: float = 0.0  # fraction of the steps trained dense before the search
+    dual_reset: bool = True  # z = alpha, u = 0 while alpha is feasible (the library's, see above)
     gate_past_activation: bool = True  # mask the output of a zero-preserving activation after the norm
     seed: int = 0  # seed of the Bernoulli masks' generator
 
@@ -232,7 +234,7 @@ class DSA(GateMethod):
         self.z = self.alphas().detach().clone()
         self.u = torch.zeros_like(self.z)
         self.rho = AdaptiveWeight(o.rho, o.rho_rate, max(1, self.search_steps(ctx)))
-        self.opt = torch.optim.Adam([self.logits], lr=o.alpha_lr)
+        self.opt = torch.optim.Adam([self.logits], lr=o.alpha_lr, betas=ADAM_BETAS)
         ctx.module.register_forward_pre_hook(lambda module, args: self.sample(ctx, module.training, _device(args)))
 
     def parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
@@ -329,8 +331,11 @@ class DSA(GateMethod):
         with torch.no_grad():
             self.logits.copy_(torch.maximum(torch.log(self.lo / (1 - self.lo)), self.logits).clamp(max=10.0))
             alpha = self.alphas()
-            self.z = self.project(alpha + self.u)
-            self.u = self.u + alpha - self.z
+            if o.dual_reset and self.flops(alpha) <= 1:  # the constraint is inactive: nothing for the dual to integrate
+                self.z, self.u = alpha.clone(), torch.zeros_like(self.u)
+            else:
+                self.z = self.project(alpha + self.u)
+                self.u = self.u + alpha - self.z
             done = progress(ctx.step, self.warmup_steps(ctx), self.search_steps(ctx))
             self.beta2.fill_(linear_path(o.beta2, o.beta2_final, done))
         self.rho.update(grow=True)
