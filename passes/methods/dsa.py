@@ -153,7 +153,7 @@ def keep_probabilities(log_b: torch.Tensor, valid: torch.Tensor, alpha: torch.Te
     return p * valid
 
 
-def _keeps_zero(gm: fx.GraphModule, node: fx.Node, x: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+def _keeps_zero(node: fx.Node, x: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     """Whether ``node`` is an element-wise op of ``x`` alone with f(0) = 0 (run on a zero per channel)."""
     rule = rule_for(node, modules)
     shape = getattr(x.args[0].meta.get("fxprune_value"), "shape", None)
@@ -183,7 +183,7 @@ def gates_past_activations(gm: fx.GraphModule) -> int:
         changed = False
         for gate in gate_sites(gm):
             users = list(gate.users)
-            if len(users) == 1 and _keeps_zero(gm, users[0], gate, modules):
+            if len(users) == 1 and _keeps_zero(users[0], gate, modules):
                 f = users[0]
                 f.replace_all_uses_with(gate)
                 f.replace_input_with(gate, gate.args[0])
