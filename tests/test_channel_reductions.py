@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from test_spine_zoo import RTOL, calibrate, prune_and_check, rel_diff
+from test_capture import build
+from test_spine_zoo import RTOL, prune_and_check, rel_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,17 +54,9 @@ class ChannelStats(nn.Module):
         return self.out(y * self.reduce(y).unsqueeze(1))
 
 
-def _build(factory, size: int = 8):
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    calibrate(model, x)
-    return model, x
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grn_hidden_width_prunes_exactly_with_the_dense_mean(seed):
-    model, x = _build(ConvNeXtV2Block)
+    model, x = build(ConvNeXtV2Block, 8)
     cg = fxprune.analyze(fxprune.trace(model, (x,)))
     hidden = next(g for g in cg.groups if g.size == 32)
     assert hidden.prunable, hidden.reason
@@ -78,14 +71,14 @@ def test_grn_hidden_width_prunes_exactly_with_the_dense_mean(seed):
 @pytest.mark.parametrize("reduce", [lambda y: torch.relu(y).mean(1), lambda y: torch.relu(y).sum(1),
                                     lambda y: torch.relu(y).norm(2, 1)])
 def test_mean_sum_and_norm_over_zero_removed_channels_are_exact(reduce):
-    model, x = _build(lambda: ChannelStats(reduce))
+    model, x = build(lambda: ChannelStats(reduce), 8)
     prune_and_check(model, x, seed=3)
 
 
 @pytest.mark.parametrize("reduce, why", [(lambda y: torch.sigmoid(y).mean(1), "not known to be zero"),
                                          (lambda y: y.amax(1), "over the channel dim")])
 def test_reductions_where_removed_channels_would_count_block(reduce, why):
-    model, x = _build(lambda: ChannelStats(reduce))
+    model, x = build(lambda: ChannelStats(reduce), 8)
     cg = fxprune.analyze(fxprune.trace(model, (x,)))
     group = next(g for g in cg.groups if g.size == 8)
     assert not group.prunable and why in group.reason
@@ -123,7 +116,7 @@ class TinyConvNeXt(nn.Module):
 def test_layer_norms_over_the_stream_prune_exactly_with_dense_statistics(seed):
     from fxprune.rules.norms import DenseCountLayerNorm, dense_count_layer_norm
 
-    model, x = _build(TinyConvNeXt)
+    model, x = build(TinyConvNeXt, 8)
     cg = fxprune.analyze(fxprune.trace(model, (x,)))
     stream = next(g for g in cg.groups if g.size == 8)
     assert stream.prunable, stream.reason
@@ -161,6 +154,6 @@ def test_a_layer_norm_over_another_dim_leaves_the_gate_at_the_producer():
         def forward(self, x):
             return self.out(torch.relu(self.norm(self.conv(x))))
 
-    model, x = _build(Net, 6)
+    model, x = build(Net, 6)
     res = prune_and_check(model, x, seed=1)
     assert res["fin"].norm.weight.shape == (6,)  # normalized over the width: not sliced

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from test_spine_zoo import calibrate, prune_and_check
+from test_capture import build
+from test_spine_zoo import prune_and_check
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,17 +43,9 @@ class Attention(nn.Module):
         return self.out(torch.einsum("bnm,bm...->bn...", attn, self.v(t))).mean(1)
 
 
-def _build(cls, size: int = 8):
-    torch.manual_seed(0)
-    model = cls().eval()
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    calibrate(model, x)
-    return model, x
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_einsum_permute_and_per_channel_factor_prune_exactly(seed):
-    model, x = _build(Permuted)
+    model, x = build(Permuted, 8)
     res = prune_and_check(model, x, seed=seed)
     kept = res["fin"].conv.out_channels
     assert res["fin"].scale.shape == (kept,) and res["fin"].fc.in_features == kept
@@ -60,7 +53,7 @@ def test_einsum_permute_and_per_channel_factor_prune_exactly(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_einsum_attention_prunes_the_qk_and_v_widths(seed):
-    model, x = _build(Attention)
+    model, x = build(Attention, 8)
     cg = fxprune.analyze(fxprune.trace(model, (x,)))
     sizes = sorted(g.size for g in cg.prunable_groups)
     assert 8 in sizes and 6 in sizes  # q and k coupled into one group of 8; v its own
