@@ -262,7 +262,6 @@ def run_dense(cfg: ClaimsConfig, model: str, seed: int) -> Run:
     """Train (or find cached) the dense model of ``seed``; its validation and test accuracy."""
     from fxprune.train import evaluate
 
-    torch.set_num_threads(1)
     cached = dense_path(cfg, model, seed).exists()
     t = time.perf_counter()
     net = dense_model(cfg, model, seed)
@@ -278,7 +277,6 @@ def run_arm(cfg: ClaimsConfig, name: str, lr: float | None, seed: int) -> Run:
     from fxprune.models import build_model
     from fxprune.train import evaluate
 
-    torch.set_num_threads(1)
     arm = ARMS[name]
     train, val, test = splits(cfg)
     phases = schedule(cfg, arm)
@@ -522,7 +520,8 @@ def run_claims(cfg: ClaimsConfig, resume: bool = False, progress: bool = True) -
                 fn, *args = queue.pop(0)
                 queue += record(fn(cfg, *args))
     else:
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
             for queue in phases:  # the dense models are all cached before any arm starts
                 futures = {pool.submit(fn, cfg, *args) for fn, *args in queue + unblocked()}
                 while futures:
@@ -558,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.seeds is not None:
         over["lr_seeds"] = a.seeds[:1]
     cfg = dataclasses.replace(ClaimsConfig(), **over)
+    torch.set_num_threads(1)  # one thread per run (workers: their initializer); the library leaves it to callers
     summary = run_claims(cfg, resume=a.resume)
     for r in summary["claims"]:
         print(f"{r['paper']}: {r['arm']} {r['relation']} {r['baseline']} ({r['stage']}): {r['verdict']}")

@@ -79,6 +79,7 @@ def test_splits_hold_validation_out_and_normalise_test_like_training() -> None:
         assert torch.equal(x, x1) and torch.equal(x, x2) and torch.equal(y, y2)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_dense_model_is_trained_once_then_read_from_cache(tmp_path, monkeypatch) -> None:
     import fxprune.train
 
@@ -86,7 +87,6 @@ def test_dense_model_is_trained_once_then_read_from_cache(tmp_path, monkeypatch)
     real = fxprune.train.train
     monkeypatch.setattr(fxprune.train, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = dataclasses.replace(claims.ClaimsConfig(**TINY), cache=str(tmp_path))
-    torch.set_num_threads(1)
     first = claims.dense_model(cfg, "resnet20", 0)
     path = claims.dense_path(cfg, "resnet20", 0)
     stamp = path.stat().st_mtime_ns

@@ -359,8 +359,8 @@ def test_alpha_gradient_follows_the_expected_loss_on_a_trained_model(data, train
     estimate, fd = _alpha_gradients(prepared, list(data.train)[:16])
     assert np.all(fd < 0)  # removing units of a trained net costs loss
     ratio = estimate / fd
-    if past:
-        assert np.all((ratio > 0.25) & (ratio < 4)), (estimate, fd)
+    if past:  # every group the right sign; on average within 3x (the official placement: ~0.1x)
+        assert np.all((ratio > 0.1) & (ratio < 4)) and 0.3 < ratio.mean() < 3, (estimate, fd)
     else:
         assert estimate.mean() / fd.mean() < 0.25, (estimate, fd)  # ~0 but where a unit is not at equilibrium
 
