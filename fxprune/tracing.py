@@ -73,6 +73,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import operator
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -289,7 +290,9 @@ def _patches(tracer: ConcreteTracer) -> dict[tuple[Any, str], Any]:
 
     - ``torch.tensor(size)`` / ``torch.as_tensor``: C functions that read their data's
       contents, which a proxy does not have; given a proxy (``x.shape[-2:]``, a list of sizes)
-      they become a node of their own, so the traced model still reads the sizes at run time;
+      they become a node of their own, so the traced model still reads the sizes at run time
+      (so do ``einops.rearrange`` / ``reduce`` called as module attributes; imported by name, fx's
+      ``autowrap_functions`` records them, ``_autowrapped``);
     - ``torch.jit.isinstance(x, T)``: decided on the proxy's concrete value (a U-Net's skip
       connection asking whether ``x`` is a tensor must hear yes; a proxy is not a Tensor)."""
     def factory(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -302,12 +305,18 @@ def _patches(tracer: ConcreteTracer) -> dict[tuple[Any, str], Any]:
     def jit_isinstance(obj: Any, target_type: Any) -> bool:
         return _JIT_ISINSTANCE(map_aggregate(obj, _value_of), target_type)
 
+    einops = {(sys.modules["einops"], fn.__name__): factory(fn) for fn in _autowrapped()}  # einops.rearrange(...)
     return {**{(torch, name): factory(fn) for name, fn in _TENSOR_FACTORIES.items()},
-            (torch.jit, "isinstance"): jit_isinstance}
+            (torch.jit, "isinstance"): jit_isinstance, **einops}
 
 
-def _originals() -> dict[tuple[Any, str], Any]:
-    return {**{(torch, name): fn for name, fn in _TENSOR_FACTORIES.items()}, (torch.jit, "isinstance"): _JIT_ISINSTANCE}
+def _autowrapped() -> tuple[Callable[..., Any], ...]:
+    """Library functions recorded as one node each wherever a forward calls them (fx's
+    ``autowrap_functions``): einops' ``rearrange`` / ``reduce`` do not know a proxy, and their
+    pattern is what the channel analysis follows (``rules.rearrange``). Only if the model's code
+    has imported einops."""
+    einops = sys.modules.get("einops")
+    return (einops.rearrange, einops.reduce) if einops is not None and hasattr(einops, "rearrange") else ()
 
 
 class _ModuleState:
@@ -349,7 +358,7 @@ class ConcreteTracer(fx.Tracer):
     """
 
     def __init__(self, example_inputs: Sequence[Any], shape_only: bool = False):
-        super().__init__()
+        super().__init__(autowrap_functions=_autowrapped())
         self.example_inputs = tuple(example_inputs)
         self.leaves: dict[str, str] = {}
         self.shape_nodes: set[fx.Node] = set()
@@ -570,7 +579,9 @@ class ConcreteTracer(fx.Tracer):
             return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
 
         torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
-        for (owner, name), stand_in in _patches(self).items():
+        patches = _patches(self)
+        originals = {(owner, name): getattr(owner, name) for owner, name in patches}
+        for (owner, name), stand_in in patches.items():
             setattr(owner, name, stand_in)
         try:
             graph = super().trace(root)
@@ -580,7 +591,7 @@ class ConcreteTracer(fx.Tracer):
                          if n.op == "get_attr" and "." not in n.target}
         finally:
             torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
-            for (owner, name), fn in _originals().items():
+            for (owner, name), fn in originals.items():
                 setattr(owner, name, fn)
             self._state.restore(root)  # drop what forwards cached (proxies, values) on the copy
         for name, value in constants.items():
