@@ -83,7 +83,8 @@ def _folded_copy(gated: fx.GraphModule, values: dict[int, torch.Tensor]) -> fx.G
         if index is not None:
             v = v[gated.get_buffer(index.target)]
         anchor = nodes[anchor.name]  # a stored tensor gated where it joins the channels folds into itself
-        params = [(anchor.target, node.args[2])] if anchor.op == "get_attr" else rule_for(anchor, modules).gate_params(gm, anchor)
+        params = [(anchor.target, node.args[2])] if anchor.op == "get_attr" else \
+            rule_for(anchor, modules).gate_params(gm, anchor)
         key = (",".join(p for p, _ in params), gate.group_id)
         if key not in folded:
             folded.add(key)

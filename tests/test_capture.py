@@ -267,7 +267,8 @@ class TokenNet(nn.Module):
 
     def forward(self, x):
         t = self.bn(self.patch(x)).flatten(2).transpose(1, 2)
-        cls = self.cls_token.expand(t.shape[0], 1, 16) if self.literal_expand else self.cls_token.expand(t.shape[0], -1, -1)
+        width = 16 if self.literal_expand else -1
+        cls = self.cls_token.expand(t.shape[0], 1, width)
         t = torch.cat([cls, t], 1) + self.pos_embed
         t = t + self.fc2(torch.relu(self.fc1(t)))
         return self.head(t[:, 0])

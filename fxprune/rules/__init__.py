@@ -4,7 +4,9 @@ Importing this package registers fxprune's own rules; ``register_op`` adds a use
 (``register_named`` for a class named by its module path), and ``per_channel`` /
 ``elementwise`` / ``norm_then_act`` build the rules most custom layers need.
 """
-from fxprune.rules import combine, einsum, movement, norms, pointwise, producers, rearrange, shapes  # noqa: F401 (registration)
+from fxprune.rules import (  # noqa: F401 (registration)
+    combine, einsum, movement, norms, pointwise, producers, rearrange, shapes,
+)
 from fxprune.rules.base import (
     Category, OpRule, Rewrite, is_registered_module, op_name, register_named, register_op, rule_for,
 )

@@ -82,8 +82,9 @@ def _zero_preserving(node: fx.Node, operand: fx.Node) -> bool:
 
 
 def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
-    """The parameter/buffer (its get_attr node) and its dim that dim ``dim`` of ``node`` reads one to one, through
-    casts, copies, ``unsqueeze``, reshapes that only add or drop size-1 dims and expansions that keep that dim (a ViT's class token,
+    """The parameter/buffer (its get_attr node) and its dim that dim ``dim`` of ``node`` reads one
+    to one, through casts, copies, ``unsqueeze``, reshapes that only add or drop size-1 dims and
+    expansions that keep that dim (a ViT's class token,
     ``cls_token.expand(B, -1, -1)``, joins the embedding channels): slicing it slices ``node``.
     None when ``node`` is computed otherwise, or an expansion names that dim's size (-1 keeps
     it; a literal size would not follow the pruned width)."""

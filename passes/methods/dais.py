@@ -20,7 +20,8 @@ Choices that are this library's [A] (only the abstract and a third-party re-impl
 reachable, METHODS.md §5):
 - the FLOPs regularizer is |log(R / R*)|: zero on the budget, the same gradient magnitude as the
   re-implementation's one-sided +-log R away from it, and it holds the budget instead of
-  overshooting it; its weight (``fxprune.schedules.AdaptiveWeight``) starts at ``lam`` and grows by ``1 + lam_rate`` per 1% of training
+  overshooting it; its weight (``fxprune.schedules.AdaptiveWeight``) starts at ``lam`` and grows
+  by ``1 + lam_rate`` per 1% of training
   while the binarized indicators cost more than the budget (GDP's adaptive lambda), shrinking
   back otherwise: with a fixed weight a 3-epoch run ended at 136% of its FLOPs budget;
 - that weight is bounded by ``lam_max`` = 100: alpha is trained by Adam, which normalizes the

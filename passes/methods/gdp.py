@@ -28,7 +28,8 @@ Choices that are this library's [A], because the paper leaves them open:
   During the next ``search`` fraction the allowed cost (``path``, ``fxprune.schedules.linear_path``)
   falls linearly from dense to the budget; ``lam`` (``fxprune.schedules.AdaptiveWeight``) grows
   by the factor ``1 + lam_rate`` per 1% of training while the *hard* FLOPs (every non-zero gate
-  counted as kept) exceed the path and shrinks at that rate otherwise, so channels go gradually and the network adapts as they go. Growing ``lam`` until
+  counted as kept) exceed the path and shrinks at that rate otherwise, so channels go gradually
+  and the network adapts as they go. Growing ``lam`` until
   the budget itself was met (fxprune's first schedule) multiplied it by 100 in two epochs and
   pruned 75% of the FLOPs within one, at chance accuracy. Once the budget is met (permanently:
   zeroed gates stay zero) ``lam`` keeps shrinking and ``eps`` anneals geometrically to
