@@ -36,12 +36,10 @@ from fxprune.ir import (
     ChannelGraph, ChannelGroup, ChannelMap, Layer, ParamSlice, SizeOf, Site, SliceSpec, UnitTable, node_signature,
 )
 from fxprune.rules.base import REGISTRY, Category, arg, gate_anchor, op_name, rule_for
+from fxprune.rules.combine import PRODUCTS, SUMS
 from fxprune.rules.pointwise import zero_at_zero
 from fxprune.tracing import TensorMeta
 
-_PRODUCTS = frozenset((operator.mul, operator.imul, torch.mul, "mul", "mul_"))
-_SUMS = frozenset((operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_",
-                   "sub", "sub_"))
 
 
 def maps_in(struct: Any) -> list[ChannelMap]:
@@ -201,9 +199,9 @@ class Walk:
                         rule.category in (Category.SPATIAL, Category.REDUCE) and rule.keeps_zero is not None
                         and rule.keeps_zero(n, self.modules)):
                     memo[n] = zero(n.args[0])
-                elif n.target in _PRODUCTS:
+                elif n.target in PRODUCTS:
                     memo[n] = any(zero(a) for a in tensors)
-                elif n.target in _SUMS:
+                elif n.target in SUMS:
                     memo[n] = bool(tensors) and all(zero(a) for a in tensors)
                 else:
                     memo[n] = False

@@ -288,6 +288,8 @@ _JIT_ISINSTANCE = torch.jit.isinstance
 def _patches(tracer: ConcreteTracer) -> dict[tuple[Any, str], Any]:
     """Functions that do not dispatch on proxies, replaced while tracing (owner, name -> stand-in):
 
+    - ``torch.autograd.Function.apply``: a custom Function given a proxy becomes one opaque node;
+
     - ``torch.tensor(size)`` / ``torch.as_tensor``: C functions that read their data's
       contents, which a proxy does not have; given a proxy (``x.shape[-2:]``, a list of sizes)
       they become a node of their own, so the traced model still reads the sizes at run time
@@ -305,9 +307,16 @@ def _patches(tracer: ConcreteTracer) -> dict[tuple[Any, str], Any]:
     def jit_isinstance(obj: Any, target_type: Any) -> bool:
         return _JIT_ISINSTANCE(map_aggregate(obj, _value_of), target_type)
 
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+            # one opaque node: its backward stays the Function's own (rules.function_target)
+            return tracer.create_proxy("call_function", function_target(cls), args, kwargs)
+        return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
+
     einops = {(sys.modules["einops"], fn.__name__): factory(fn) for fn in _autowrapped()}  # einops.rearrange(...)
     return {**{(torch, name): factory(fn) for name, fn in _TENSOR_FACTORIES.items()},
-            (torch.jit, "isinstance"): jit_isinstance, **einops}
+            (torch.jit, "isinstance"): jit_isinstance, (torch.autograd.Function, "apply"): classmethod(apply),
+            **einops}
 
 
 def _autowrapped() -> tuple[Callable[..., Any], ...]:
@@ -570,17 +579,8 @@ class ConcreteTracer(fx.Tracer):
         """Trace ``root`` on the example inputs (they replace fx's ``concrete_args``)."""
         self._state = _ModuleState(root)
         constants: dict[str, Any] = {}
-        tracer = self
-
-        def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-            if any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
-                # one opaque node: its backward stays the Function's own (rules.function_target)
-                return tracer.create_proxy("call_function", function_target(cls), args, kwargs)
-            return _FUNCTION_APPLY.__get__(None, cls)(*args, **kwargs)
-
-        torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment]
         patches = _patches(self)
-        originals = {(owner, name): getattr(owner, name) for owner, name in patches}
+        originals = {(owner, name): vars(owner)[name] for owner, name in patches}  # a classmethod as such
         for (owner, name), stand_in in patches.items():
             setattr(owner, name, stand_in)
         try:
@@ -590,7 +590,6 @@ class ConcreteTracer(fx.Tracer):
             constants = {n.target: _fetch(root, n.target) for n in graph.nodes
                          if n.op == "get_attr" and "." not in n.target}
         finally:
-            torch.autograd.Function.apply = _FUNCTION_APPLY  # type: ignore[assignment]
             for (owner, name), fn in originals.items():
                 setattr(owner, name, fn)
             self._state.restore(root)  # drop what forwards cached (proxies, values) on the copy

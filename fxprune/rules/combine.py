@@ -68,6 +68,10 @@ def couple_operands(walk: "Walk", node: fx.Node, operands: list[Any]) -> Any:
     return ChannelMap(dims, base.ids)
 
 
+PRODUCTS = frozenset((operator.mul, operator.imul, torch.mul, "mul", "mul_"))
+QUOTIENTS = frozenset((operator.truediv, operator.itruediv, torch.div, "div", "div_"))
+SUMS = frozenset((operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub",
+                  "sub_"))
 _SAME_LAYOUT_METHODS = ("to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone",
                         "detach")
 _EXPAND_METHODS = ("expand", "expand_as", "broadcast_to")
@@ -76,9 +80,13 @@ _EXPAND_METHODS = ("expand", "expand_as", "broadcast_to")
 def _zero_preserving(node: fx.Node, operand: fx.Node) -> bool:
     """A zero channel of the other operands stays zero whatever ``operand`` holds: a product, or
     a quotient with ``operand`` as the divisor."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    name = name.strip("_").removeprefix("i")
-    return name == "mul" or (name in ("div", "truediv") and node.args and node.args[0] is not operand)
+    return node.target in PRODUCTS or (node.target in QUOTIENTS and bool(node.args) and node.args[0] is not operand)
+
+
+def _size_args(node: fx.Node) -> tuple[Any, ...]:
+    """The sizes of ``x.view(a, b)`` / ``x.expand((a, b))``, written either way."""
+    sizes = node.args[1:]
+    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
 def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
@@ -105,9 +113,7 @@ def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] 
             dim, node = dim - (dim > at), src
             continue
         if name in ("reshape", "view") and node.op == "call_method":  # gamma.reshape(1, -1, 1, 1)
-            sizes = node.args[1:]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = tuple(sizes[0])
+            sizes = _size_args(node)
             out_shape, in_shape = walk.meta(node).shape, walk.meta(src).shape
             solid = [d for d, n in enumerate(out_shape) if n != 1]
             if dim not in solid or len(sizes) != len(out_shape) or sizes[dim] != -1 \
@@ -117,9 +123,7 @@ def stored_source(walk: "Walk", node: fx.Node, dim: int) -> tuple[fx.Node, int] 
             continue
         if name in _EXPAND_METHODS:
             shift = len(walk.meta(node).shape) - len(walk.meta(src).shape)
-            sizes = node.args[1:] if name == "expand" else ()
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = tuple(sizes[0])
+            sizes = _size_args(node) if name == "expand" else ()
             if dim < shift or walk.meta(src).shape[dim - shift] != walk.meta(node).shape[dim] or (
                     name == "expand" and sizes[dim] != -1) or name == "broadcast_to":
                 return None

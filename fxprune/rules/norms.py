@@ -142,11 +142,10 @@ class DenseCountLayerNorm(nn.LayerNorm):
         return dense_count_layer_norm(x, self.weight, self.bias, self.eps, self.dense_features)
 
 
-def _layernorm_parts(walk: "Walk", node: fx.Node) -> tuple[int, list[str]]:
+def _layernorm_parts(node: fx.Node, mod: nn.Module | None) -> tuple[int, list[str]]:
     """How many trailing dims it normalizes and its affine parameters (qualified names; empty
-    unless both weight and bias are stored tensors)."""
+    unless both weight and bias are stored tensors); ``mod``: the module of a ``call_module``."""
     if node.op == "call_module":
-        mod = walk.module(node)
         params = _module_params(mod, node.target, ("weight", "bias"))
         return len(mod.normalized_shape), params if len(params) == 2 else []
     ns = arg(node, 1, "normalized_shape")
@@ -162,7 +161,7 @@ def _layernorm(walk: "Walk", node: fx.Node) -> Any:
     dense statistics (``dense_count_layer_norm``). Anything else over the channels blocks them."""
     xm = walk.map(node.args[0])
     shape = walk.meta(node.args[0]).shape
-    normalized, params = _layernorm_parts(walk, node)
+    normalized, params = _layernorm_parts(node, walk.module(node) if node.op == "call_module" else None)
     if not set(xm.dims) & set(range(len(shape) - normalized, len(shape))):
         return xm
     where = f"layer_norm at '{node.name}'"
@@ -178,12 +177,9 @@ def _layernorm(walk: "Walk", node: fx.Node) -> Any:
 
 
 def _layernorm_gate_params(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, int]]:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return [(q, 0) for q in _module_params(mod, node.target, ("weight", "bias"))] \
-            if len(mod.normalized_shape) == 1 else []
-    affine = [arg(node, 2, "weight"), arg(node, 3, "bias")]
-    return [(a.target, 0) for a in affine if isinstance(a, fx.Node) and a.op == "get_attr"]
+    """Weight and bias fold the gate on the norm's own site (``_layernorm``)."""
+    normalized, params = _layernorm_parts(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
+    return [(q, 0) for q in params] if normalized == 1 else []
 
 
 def _resize_layernorm(mod: nn.Module) -> None:
